@@ -1,0 +1,35 @@
+"""Shared bits of the benchmarks: a fixed small-CNN spec, the data settings, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from collectors.config import SweepSpec  # noqa: E402
+from collectors.data import DataSettings, resolve_root  # noqa: E402
+
+SMALL_CNN = {"depth": 3, "width": 16, "hidden": 64}
+
+
+def cnn_spec(dataset: str, **over) -> SweepSpec:
+    base = dict(family="cnn", arch=SMALL_CNN, dataset=dataset, r=0.5, lr=1e-3, batch_size=64, optimizer="adam",
+                pretrain_epochs=2, n_stages=7, stage_epochs=1, train_size=4000, test_size=None, seed=0)
+    return SweepSpec(**{**base, **over})
+
+
+def settings(unverified_cifar10: bool = False) -> DataSettings:
+    return DataSettings(resolve_root(None), unverified_cifar10=unverified_cifar10 or "--unverified-cifar10" in sys.argv)
+
+
+def emit(name: str, **fields) -> None:
+    """One JSON line: the benchmark, the machine, and its figures."""
+    machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+               "torch": torch.__version__}
+    print(json.dumps({"bench": name, **fields, "machine": machine}), flush=True)

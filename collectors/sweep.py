@@ -1,0 +1,180 @@
+"""The forgetting sweep ("controlled forgetting", the paper's sequential fine-tuning).
+
+Θ0 is trained from initialisation on D0; Θk fine-tunes Θk−1 on Dk ⊂ Dk−1 with |Dk| = round(r·|Dk−1|).
+Every parameter and buffer is snapshotted after each stage, with the stage's metrics. One function, read
+top to bottom; everything random comes from the spec's seed.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from collectors import __version__, data, zoo
+from collectors.config import SweepSpec, stage_sizes
+from meta.shards import FORMAT_VERSION
+
+
+class SweepDiverged(RuntimeError):
+    """Loss or weights became NaN/inf; the sweep is recorded as failed and never written."""
+
+
+@dataclass
+class StageMetrics:
+    stage: int
+    subset_size: int
+    steps: int
+    train_loss: float  # mean over the stage's last epoch
+    train_acc: float
+    test_loss: float
+    test_acc: float  # on the test set (all of it unless the spec says test_size)
+    wall_s: float
+
+
+@dataclass
+class SweepResult:
+    spec: SweepSpec
+    stages: list[StageMetrics]
+    tensors: dict[str, torch.Tensor]  # state-dict name -> [L, *shape], stage 0 (most data) first
+    kinds: dict[str, str]  # state-dict name -> conv / linear / bias / norm / buffer
+    n_params: int
+    wall_s: float
+
+    def stage_dicts(self) -> list[dict]:
+        return [asdict(m) for m in self.stages]
+
+
+def _optimizer(spec: SweepSpec, model: nn.Module) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=spec.lr)
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
+
+
+def _train(model, opt, x, y, idx, spec, epochs, gen) -> tuple[int, float, float]:
+    """``epochs`` passes over the examples ``idx``; returns (steps, loss, acc) of the last pass."""
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(order), spec.batch_size):
+            b = order[start : start + spec.batch_size]
+            xb, yb = data.normalize(spec.dataset, x[b]), y[b]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            if not torch.isfinite(loss):
+                raise SweepDiverged(f"loss became {loss.item()} at step {steps + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            loss_sum += loss.item() * len(b)
+            correct += (logits.argmax(1) == yb).sum().item()
+    return steps, loss_sum / len(idx), correct / len(idx)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: str, split: data.Split, batch: int = 1000) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on ``split``, in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(split), batch):
+        xb = data.normalize(dataset, split.x[start : start + batch])
+        yb = split.y[start : start + batch]
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    return loss_sum / len(split), correct / len(split)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    snap = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bad = [k for k, v in snap.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SweepDiverged(f"non-finite values in {bad[:3]}{'…' if len(bad) > 3 else ''}")
+    return snap
+
+
+def nested_subsets(n_train: int, spec: SweepSpec) -> list[torch.Tensor]:
+    """Indices of D0 ⊃ D1 ⊃ … ⊃ D_{L-1}: D0 a random ``train_size`` subset, each next a random r-fraction."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    subsets = [torch.randperm(n_train, generator=gen)[: spec.train_size or n_train]]
+    for size in stage_sizes(len(subsets[0]), spec.r, spec.n_stages)[1:]:
+        prev = subsets[-1]
+        subsets.append(prev[torch.randperm(len(prev), generator=gen)[:size]])
+    if len(subsets[-1]) < 1:
+        raise ValueError(f"|D0|={len(subsets[0])} with r={spec.r} leaves an empty D{spec.n_stages - 1}")
+    return subsets
+
+
+def run_sweep(
+    spec: SweepSpec,
+    settings: data.DataSettings,
+    *,
+    record: bool = True,
+    on_stage: Callable[[StageMetrics], None] | None = None,
+) -> SweepResult:
+    """Run one forgetting sweep. ``record=False`` trains identically but keeps no snapshots (benchmarks)."""
+    t_start = time.perf_counter()
+    info = data.DATASETS[spec.dataset]
+    train, test = data.load(spec.dataset, settings, True), data.load(spec.dataset, settings, False)
+    if spec.train_size is not None and spec.train_size > len(train):
+        raise data.DataError(f"train_size={spec.train_size} exceeds the {len(train)} training images of {spec.dataset}")
+
+    torch.manual_seed(spec.seed)
+    model = zoo.build(spec.family, spec.arch, info.channels, info.num_classes)
+    kinds = zoo.tensor_kinds(model)
+
+    subsets = nested_subsets(len(train), spec)
+    if spec.test_size is not None and spec.test_size < len(test):
+        t_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(spec.seed + 2))[: spec.test_size]
+        test = data.Split(test.x[t_idx], test.y[t_idx])
+    gen = torch.Generator().manual_seed(spec.seed + 1)  # batch order
+
+    stages: list[StageMetrics] = []
+    snaps: list[dict[str, torch.Tensor]] = []
+    for k, idx in enumerate(subsets):
+        t0 = time.perf_counter()
+        epochs = spec.pretrain_epochs if k == 0 else spec.stage_epochs
+        opt = _optimizer(spec, model)  # a fresh optimiser per stage: each stage is its own fine-tune
+        steps, tr_loss, tr_acc = _train(model, opt, train.x, train.y, idx, spec, epochs, gen)
+        te_loss, te_acc = evaluate(model, spec.dataset, test)
+        if not math.isfinite(te_loss):
+            raise SweepDiverged(f"test loss became {te_loss} at stage {k}")
+        if record:
+            snaps.append(_snapshot(model))
+        m = StageMetrics(k, len(idx), steps, tr_loss, tr_acc, te_loss, te_acc, time.perf_counter() - t0)
+        stages.append(m)
+        if on_stage:
+            on_stage(m)
+
+    tensors = {name: torch.stack([s[name] for s in snaps]) for name in kinds} if record else {}
+    return SweepResult(spec, stages, tensors, kinds, zoo.n_params(model), time.perf_counter() - t_start)
+
+
+def to_record(result: SweepResult) -> dict:
+    """The JSON record stored beside the tensors: enough to rebuild the catalog row and re-run the sweep."""
+    spec = result.spec
+    return {
+        "format": FORMAT_VERSION,
+        "sweep_id": spec.sweep_id,
+        "spec": spec.model_dump(mode="json"),
+        "n_stages": spec.n_stages,
+        "n_params": result.n_params,
+        "stages": result.stage_dicts(),
+        "wall_s": result.wall_s,
+        "tensors": [
+            {"name": k, "shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch."), "kind": result.kinds[k]}
+            for k, v in result.tensors.items()
+        ],
+        "versions": {"oblivion": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "python": platform.python_version()},
+    }

@@ -1,0 +1,1 @@
+"""The meta-dataset: webdataset shards of sweeps, a parquet catalog, and streaming readers."""

@@ -1,0 +1,140 @@
+"""The command line: bad input is refused before Ray starts; the real `ray job submit` path works."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from collectors import launch
+from conftest import REPO, tiny_config
+from meta import catalog
+
+
+def _run(capsys, *argv):
+    code = launch.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(tiny_config().model_dump_json())
+    return p
+
+
+def test_bad_config_is_refused_naming_the_value(capsys, tmp_path, fake_root):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_sweeps: 2\nspace: {families: [vgg], r: [0.5, 1.5]}\n")
+    code, err = _run(capsys, "--config", str(bad), "--out", str(tmp_path / "o"), "--data-root", str(fake_root))
+    assert code == 2 and "'vgg'" in err and "1.5" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_root_and_missing_dataset(capsys, tmp_path, cfg_file, monkeypatch):
+    monkeypatch.delenv("OBLIVION_DATA", raising=False)
+    code, err = _run(capsys, "--config", str(cfg_file), "--out", str(tmp_path / "o"))
+    assert code == 2 and "--data-root" in err and "OBLIVION_DATA" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("OBLIVION_DATA", str(empty))
+    code, err = _run(capsys, "--config", str(cfg_file), "--out", str(tmp_path / "o"))
+    assert code == 2 and str(empty) in err and "raw/train-images-idx3-ubyte" in err
+
+
+def test_rebuilt_cifar_needs_the_explicit_flag(fake_root):
+    from collectors import data
+
+    with pytest.raises(data.DataError, match="--unverified-cifar10"):
+        data.load("cifar10", data.DataSettings(str(fake_root)), True)
+    assert len(data.load("cifar10", data.DataSettings(str(fake_root), unverified_cifar10=True), True)) == 320
+
+
+def test_unwritable_output_is_refused(capsys, tmp_path, cfg_file, fake_root):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _run(capsys, "--config", str(cfg_file), "--out", str(blocker / "o"), "--data-root", str(fake_root))
+    assert code == 2 and "not writable" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_ray_job_submit_smoke(tmp_path, fake_root):
+    """`ray start --head` + `ray job submit … collectors/launch.py` + `ray stop`, as the README says."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    if not ray_bin.exists():
+        ray_bin = Path(shutil.which("ray"))
+    # Ray >= 2.5x turns on token auth at `ray start --head`; the CLI then needs RAY_AUTH_MODE=token.
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _free_port(), _free_port()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(tiny_config(num_sweeps=2, space__families=["cnn"]).model_dump_json())
+    out = tmp_path / "meta"
+    start = [str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
+             "--temp-dir", ray_tmp]
+    # --block: the cluster lives as long as this process, so stopping it stops only this cluster
+    # (`ray stop` would stop every Ray cluster on the machine, a user's own included)
+    head = subprocess.Popen([*start, "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            probe = subprocess.run([str(ray_bin), "status", "--address", f"127.0.0.1:{port}"], env=env,
+                                   capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            time.sleep(1)
+        job = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+             "python", "collectors/launch.py", "--config", str(cfg), "--out", str(out), "--data-root", str(fake_root),
+             "--unverified-cifar10"],
+            env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "2 done now" in job.stdout and "succeeded" in job.stdout + job.stderr
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert [r["status"] for r in catalog.read(str(out))] == ["done", "done"]
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory):
+    """The real datasets: $OBLIVION_DATA if it holds them, else ../shared/data unpacked (about 12 s)."""
+    from collectors import data
+
+    env = os.environ.get("OBLIVION_DATA")
+    if env and all((Path(env) / f).is_file() for d in data.DATASETS.values() for f in d.files):
+        return Path(env)
+    extract = REPO.parent / "shared" / "data" / "extract.sh"
+    if not extract.exists():
+        pytest.skip("no real data: set OBLIVION_DATA or provide ../shared/data")
+    root = tmp_path_factory.mktemp("real")
+    subprocess.run([str(extract), str(root)], check=True, capture_output=True, timeout=300)
+    return root
+
+
+@pytest.mark.realdata
+def test_real_datasets_load_with_their_true_sizes(real_root):
+    from collectors import data
+
+    for name, (n_train, n_test) in {"mnist": (60000, 10000), "fashionmnist": (60000, 10000)}.items():
+        s = data.DataSettings(str(real_root))
+        assert (len(data.load(name, s, True)), len(data.load(name, s, False))) == (n_train, n_test)
+    with pytest.raises(data.DataError, match="--unverified-cifar10"):  # the rebuilt copy is never loaded silently
+        data.load("cifar10", data.DataSettings(str(real_root)), False)
+    cifar = data.load("cifar10", data.DataSettings(str(real_root), unverified_cifar10=True), True)
+    assert cifar.x.shape == (50000, 3, 32, 32) and cifar.y.bincount().tolist() == [5000] * 10
