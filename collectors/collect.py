@@ -24,7 +24,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from tqdm import tqdm
 
 from collectors import chaos
-from collectors.config import CollectConfig, SweepSpec, sample_specs
+from collectors.config import SweepSpec, WorkerSettings
 from collectors.data import DataError, DataSettings
 from collectors.sweep import SweepDiverged, run_sweep, to_record
 from meta import catalog, storage
@@ -122,34 +122,38 @@ def _shard_bytes(out: str) -> int:
 
 
 def collect(
-    config: CollectConfig,
+    specs: list[SweepSpec],
     out: str,
     settings: DataSettings,
+    workers: WorkerSettings | None = None,
     num_workers: int | None = None,
     retry_failed: bool = False,
 ) -> Summary:
-    """Run the sweeps of ``config`` that ``out`` does not hold yet; return what happened."""
+    """Run the sweeps in ``specs`` that ``out`` does not hold yet; return what happened."""
     t0 = time.perf_counter()
     out = storage.normalize(out)  # workers may run in another folder: local paths become absolute
     storage.check_writable(out)
-    w = config.workers
+    w = workers or WorkerSettings()
     rows = {r["sweep_id"]: r for r in catalog.read(out)}
+    finished = {"done"} | (set() if retry_failed else {"failed"})
+    skipped = sum(rows.get(s.sweep_id, {}).get("status") in finished for s in specs)
     adopted = _adopt_orphans(out, rows)
     if adopted:
         catalog.write(out, rows.values())
 
-    specs = sample_specs(config)
-    finished = {"done"} | (set() if retry_failed else {"failed"})
     todo = deque(s for s in specs if rows.get(s.sweep_id, {}).get("status") not in finished)
-    summary = Summary(out, len(specs), len(specs) - len(todo) - adopted, adopted)
+    summary = Summary(out, len(specs), skipped, adopted)
     if not todo:
         summary.total_bytes, summary.wall_s = _shard_bytes(out), time.perf_counter() - t0
         return summary
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if w.cpus_per_worker > cpus:
+        raise ValueError(f"workers.cpus_per_worker={w.cpus_per_worker} exceeds the cluster's {cpus} CPUs: no worker could start")
     if num_workers is None:
-        num_workers = max(1, int(ray.cluster_resources().get("CPU", 1) // w.cpus_per_worker))
+        num_workers = max(1, int(cpus // w.cpus_per_worker))
     num_workers = min(num_workers, len(todo))
     run_tag = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     chaos_spec = os.environ.get(chaos.ENV)

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script (`python collectors/launch.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collectors import data  # noqa: E402
-from collectors.config import ConfigError, load_config  # noqa: E402
+from collectors.config import ConfigError, load_config, sample_specs  # noqa: E402
 from meta import catalog, storage  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from collectors.collect import collect  # imports Ray: only once the inputs are known to be good
 
-    summary = collect(config, args.out, settings, args.num_workers, args.retry_failed)
+    summary = collect(sample_specs(config), args.out, settings, config.workers, args.num_workers, args.retry_failed)
     print(summary.text())
     print(describe(storage.normalize(args.out)))
     return 0  # failed sweeps are recorded with their reason in the catalog and summarised above

@@ -10,12 +10,16 @@ import time
 import pytest
 
 from collectors import chaos
-from collectors.collect import collect
+from collectors.collect import collect as _collect
 from collectors.config import sample_specs
 from conftest import REPO, tiny_config
 from meta import catalog, readers
 
 pytestmark = pytest.mark.ray
+
+
+def collect(cfg, out, settings, **kw):
+    return _collect(sample_specs(cfg), out, settings, cfg.workers, **kw)
 
 
 def _tensor_digest(sample) -> str:

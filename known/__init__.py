@@ -1,0 +1,1 @@
+"""KNOWN: the per-scalar hyper-model, KNOW prediction and its baselines."""

@@ -1,0 +1,66 @@
+"""KNOWN: the per-scalar hyper-model that steps a weight's forgetting trajectory one stage back.
+
+Input: the S=5 recorded values of one scalar weight, ordered as in the paper's code — index 0 is the stage
+trained on the *least* data, index S-1 the stage trained on the *most* data — plus their S-1 successive
+differences. Output: a tanh-bounded residual added to the most-data value. 9,425 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+S = 5
+LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, which the official model uses
+
+
+def _scaled_uniform_(layer: nn.Linear, scale: float = 0.1) -> None:
+    """Keras VarianceScaling(scale, fan_in, uniform) with zero bias, as the official model initialises."""
+    bound = math.sqrt(3.0 * scale / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+
+
+class Stream(nn.Module):
+    """Linear(n→64) → gated-exponential block → Linear(64→32) → LeakyReLU(0.3).
+
+    The block: g = relu(squeeze(h)); h' = base(g) + gate(g) * exp(rate(g) * h).
+    """
+
+    def __init__(self, n_in: int):
+        super().__init__()
+        self.inp = nn.Linear(n_in, 64)
+        self.squeeze = nn.Linear(64, 8)
+        self.base = nn.Linear(8, 64)
+        self.gate = nn.Linear(8, 64)
+        self.rate = nn.Linear(8, 64)
+        self.out = nn.Linear(64, 32)
+        _scaled_uniform_(self.inp)
+        _scaled_uniform_(self.out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        g = F.relu(self.squeeze(h))
+        h = self.base(g) + self.gate(g) * torch.exp(self.rate(g) * h)
+        return F.leaky_relu(self.out(h), LEAKY_SLOPE)
+
+
+class KNOWN(nn.Module):
+    def __init__(self, n_stages: int = S):
+        super().__init__()
+        self.n_stages = n_stages
+        self.values = Stream(n_stages)
+        self.diffs = Stream(n_stages - 1)
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Residual for each row of ``w`` [N, S] (least-data stage first); returns [N]."""
+        d = w[:, 1:] - w[:, :-1]
+        return torch.tanh(self.head(torch.cat([self.values(w), self.diffs(d)], dim=1))).squeeze(1)
+
+    def step(self, w: torch.Tensor) -> torch.Tensor:
+        """The predicted value one stage beyond the most-data stage: w[:, -1] + residual."""
+        return w[:, -1] + self(w)

@@ -1,0 +1,175 @@
+"""KNOW prediction: step a model's forgetting trajectory back, Θ-1, Θ-2, … ("×1/r", "×1/r²", …).
+
+``retrodict(stages, steps, method)`` takes S=5 state dicts ordered from the most-data stage Θ0 to the
+least-data stage Θ4 and returns the predicted state dicts, each loadable into the original architecture.
+Each prediction shifts into the window for the next one. Tensors are grouped by kind (conv kernels,
+linear kernels, biases), flattened into one [N, S] matrix per kind and pushed through the predictor in
+bounded chunks: one batched call per chunk instead of a loop over layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from known import baselines
+from known.model import S, KNOWN
+
+PREDICTED_KINDS = ("conv", "linear", "bias")
+METHODS = ("known", "known-official", *baselines.METHODS)
+DEFAULT_CHUNK = 1 << 16  # scalars per forward pass: ~64 k rows × 64 floats stay in cache-sized blocks
+
+
+class PredictError(ValueError):
+    """Stages that cannot be retrodicted; the message names the stage and tensor."""
+
+
+def infer_kinds(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Kinds from names and shapes, for state dicts that come without a model or a sweep record."""
+    kinds = {}
+    for name, t in state.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if not t.is_floating_point() or leaf.startswith("running_") or leaf == "num_batches_tracked":
+            kinds[name] = "buffer"
+        elif t.dim() >= 3:
+            kinds[name] = "conv"
+        elif t.dim() == 2:
+            kinds[name] = "linear"
+        elif leaf == "bias" and name.rsplit(".", 1)[0] + ".weight" in state and state[name.rsplit(".", 1)[0] + ".weight"].dim() >= 2:
+            kinds[name] = "bias"
+        else:
+            kinds[name] = "norm"
+    return kinds
+
+
+def _validate(stages: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    if len(stages) != S:
+        raise PredictError(f"need exactly {S} stages (Θ0 most data … Θ{S - 1} least data), got {len(stages)}")
+    ref = stages[0]
+    for k, st in enumerate(stages):
+        if set(st) != set(ref):
+            diff = sorted(set(st) ^ set(ref))
+            raise PredictError(f"stage {k} has different tensors than stage 0: {diff[:5]}")
+        for name, t in st.items():
+            if t.shape != ref[name].shape:
+                raise PredictError(f"stage {k}: {name} has shape {tuple(t.shape)}, stage 0 has {tuple(ref[name].shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise PredictError(f"stage {k}: {name} contains NaN or inf")
+
+
+def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int) -> torch.Tensor:
+    """Next value of every row of ``window`` [N, S] (least data first)."""
+    if method in baselines.METHODS:
+        return baselines.predict(method, window)
+    out = torch.empty(window.shape[0], dtype=window.dtype, device=window.device)
+    with torch.no_grad():
+        for i in range(0, window.shape[0], chunk):
+            out[i : i + chunk] = model.step(window[i : i + chunk])
+    return out
+
+
+def retrodict(
+    stages: Sequence[Mapping[str, torch.Tensor]],
+    steps: int = 3,
+    method: str = "known",
+    *,
+    models: Mapping[str, KNOWN] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> list[dict[str, torch.Tensor]]:
+    """Predicted state dicts Θ-1 … Θ-steps from ``stages`` = [Θ0 (most data), …, Θ4 (least data)].
+
+    ``models`` maps conv / linear / bias to a KNOWN (needed for the known methods). Tensors of other kinds
+    (BatchNorm affine parameters and running statistics, counters) are copied from Θ0.
+    """
+    if method not in METHODS:
+        raise PredictError(f"unknown method {method!r}; known: {list(METHODS)}")
+    if steps < 1:
+        raise PredictError(f"steps must be >= 1, got {steps}")
+    _validate(stages)
+    kinds = dict(kinds) if kinds is not None else infer_kinds(stages[0])
+    if method.startswith("known"):
+        missing = [k for k in PREDICTED_KINDS if not models or k not in models]
+        if missing:
+            raise PredictError(f"method {method!r} needs a KNOWN for {missing}")
+    names = {k: [n for n in stages[0] if kinds.get(n) == k] for k in PREDICTED_KINDS}
+    # one [N, S] window per kind, least data first, as KNOWN reads it
+    windows = {
+        k: torch.stack([torch.cat([st[n].reshape(-1).float() for n in ns]) for st in reversed(stages)], dim=1)
+        for k, ns in names.items() if ns
+    }
+    outputs = []
+    for _ in range(steps):
+        new = {n: t.clone() for n, t in stages[0].items()}  # unpredicted kinds: Θ0's values
+        for k, w in windows.items():
+            nxt = _step(w, method, models[k] if models else None, chunk)
+            offset = 0
+            for n in names[k]:
+                numel = stages[0][n].numel()
+                new[n] = nxt[offset : offset + numel].reshape(stages[0][n].shape).to(stages[0][n].dtype)
+                offset += numel
+            windows[k] = torch.cat([w[:, 1:], nxt[:, None]], dim=1)
+        outputs.append(new)
+    return outputs
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a torch file loaded with weights_only=True (no pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"stage file not found: {path}")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PredictError(f"{path} does not hold a flat state dict of tensors")
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m known.predict",
+        description="Predict knowledge-overflowed weights (Θ-1, Θ-2, …) from S=5 stage checkpoints of one model.",
+    )
+    p.add_argument("--stages", nargs=S, required=True, metavar="FILE",
+                   help=f"the {S} stage checkpoints (.safetensors, or .pt/.pth state dicts), Θ0 (most data) first")
+    p.add_argument("--method", default="taskvector", choices=METHODS,
+                   help="known: our KNOWN; known-official: the authors' weights (--official DIR); "
+                        "taskvector: Θ0 + 0.2(Θ0 − Θ1); linearfit / logfit / expfit: per-coordinate curve fits")
+    p.add_argument("--steps", type=int, default=3, help="how many stages back to predict (×1/r, ×1/r², …)")
+    p.add_argument("--official", metavar="DIR", help="folder with KNOWN_Conv.h5, KNOWN_FC.h5, KNOWN_Bias.h5")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/step1.safetensors … (one per step)")
+    args = p.parse_args(argv)
+    try:
+        stages = [load_state(f) for f in args.stages]
+        models = None
+        if args.method == "known-official":
+            if not args.official:
+                raise PredictError("--method known-official needs --official DIR")
+            from known.official import load_dir
+
+            models = load_dir(args.official)
+        elif args.method == "known":
+            raise PredictError("--method known needs a trained KNOWN, which this version does not ship yet; "
+                               "use known-official or a baseline")
+        preds = retrodict(stages, args.steps, args.method, models=models)
+    except (PredictError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, state in enumerate(preds, 1):
+        tmp = out / f".step{i}.safetensors.tmp"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(out / f"step{i}.safetensors")
+        print(f"step {i} (×1/r^{i}) -> {out / f'step{i}.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

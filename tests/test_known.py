@@ -1,0 +1,187 @@
+import pytest
+import torch
+
+from collectors import zoo
+from known import baselines
+from known.model import KNOWN
+from known.predict import PredictError, infer_kinds, retrodict
+
+
+def test_known_has_the_papers_9425_parameters():
+    assert sum(p.numel() for p in KNOWN().parameters()) == 9425
+
+
+def test_known_output_is_a_bounded_residual_on_the_most_data_value():
+    torch.manual_seed(0)
+    m = KNOWN()
+    w = torch.randn(100, 5) * 10
+    with torch.no_grad():
+        step = m.step(w)
+    assert ((step - w[:, -1]).abs() <= 1).all()
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_fits_extrapolate_their_own_curve_exactly(method):
+    """A window that lies on the fitted curve is continued exactly; taskvector follows its formula."""
+    import math
+
+    t = torch.arange(5, dtype=torch.float64)
+    phi = {"linearfit": t, "logfit": torch.log1p(t), "expfit": torch.exp(t), "taskvector": t}[method]
+    w = (2.0 + 3.0 * phi)[None]
+    got = baselines.predict(method, w).item()
+    if method == "taskvector":
+        assert got == pytest.approx(w[0, 4].item() + 0.2 * (w[0, 4] - w[0, 3]).item())
+    else:
+        nxt = {"linearfit": 5.0, "logfit": math.log(6.0), "expfit": math.exp(5.0)}[method]
+        assert got == pytest.approx(2.0 + 3.0 * nxt, rel=1e-9)
+
+
+def _stages(model, n=5):
+    out = []
+    for k in range(n):
+        torch.manual_seed(k)
+        out.append({name: t + 0.01 * k * torch.randn_like(t) if t.is_floating_point() else t.clone()
+                    for name, t in model.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+def test_retrodiction_gives_loadable_state_dicts_for_every_family(family):
+    import random
+
+    model = zoo.build(family, zoo.sample_arch(family, random.Random(1)), 3, 10)
+    stages = _stages(model)
+    preds = retrodict(stages, steps=3, method="linearfit", kinds=zoo.tensor_kinds(model))
+    assert len(preds) == 3
+    for p in preds:
+        model.load_state_dict(p)  # the original architecture takes it as it is
+    conv = next(n for n, k in zoo.tensor_kinds(model).items() if k == "conv")
+    norm = next(n for n, k in zoo.tensor_kinds(model).items() if k == "norm")
+    assert not torch.equal(preds[0][conv], stages[0][conv]) and torch.equal(preds[0][norm], stages[0][norm])
+    # iterating shifts the prediction into the window: step 2 continues from step 1
+    w = torch.stack([s[conv].flatten() for s in reversed(stages)] + [preds[0][conv].flatten()], 1)[:, 1:]
+    assert torch.allclose(preds[1][conv].flatten(), baselines.predict("linearfit", w), atol=1e-5)
+
+
+def test_known_method_runs_batched_in_chunks_and_matches_unchunked():
+    model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 32}, 1, 10)
+    stages = _stages(model)
+    torch.manual_seed(0)
+    models = {k: KNOWN() for k in ("conv", "linear", "bias")}
+    a = retrodict(stages, steps=2, models=models, chunk=7)
+    b = retrodict(stages, steps=2, models=models, chunk=1 << 20)
+    for n in a[1]:
+        assert torch.allclose(a[1][n], b[1][n], atol=1e-6), n
+
+
+def test_inferred_kinds_match_the_zoo_on_a_plain_cnn():
+    model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 32}, 1, 10)
+    assert infer_kinds(model.state_dict()) == zoo.tensor_kinds(model)
+
+
+def test_bad_stages_are_named():
+    model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 32}, 1, 10)
+    stages = _stages(model)
+    with pytest.raises(PredictError, match="exactly 5"):
+        retrodict(stages[:4], method="taskvector")
+    bad = [dict(s) for s in stages]
+    bad[2]["0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(PredictError, match=r"stage 2: 0\.weight has shape"):
+        retrodict(bad, method="taskvector")
+    bad = [dict(s) for s in stages]
+    bad[3]["5.bias"] = bad[3]["5.bias"].clone()
+    bad[3]["5.bias"][0] = float("nan")
+    with pytest.raises(PredictError, match=r"stage 3: 5\.bias contains NaN"):
+        retrodict(bad, method="taskvector")
+    with pytest.raises(PredictError, match="unknown method 'magic'"):
+        retrodict(stages, method="magic")
+    with pytest.raises(PredictError, match="needs a KNOWN"):
+        retrodict(stages, method="known")
+
+
+def _write_keras_h5(path, model: KNOWN, flat: bool = False) -> None:
+    """A hand-made file in Keras' HDF5 weight layout (group/group/kernel:0), from a torch KNOWN."""
+    import h5py
+
+    from known.official import layer_map
+
+    sd = model.state_dict()
+    with h5py.File(path, "w") as f:
+        for keras_name, torch_name in layer_map().items():
+            g = f.create_group(keras_name)
+            inner = g if flat else g.create_group(keras_name)
+            inner["kernel:0"] = sd[f"{torch_name}.weight"].numpy().T
+            inner["bias:0"] = sd[f"{torch_name}.bias"].numpy()
+
+
+def test_official_import_round_trip_maps_every_layer(tmp_path):
+    from known.official import load_h5
+
+    torch.manual_seed(3)
+    ref = KNOWN()
+    for p in ref.parameters():  # distinct values everywhere, so a swapped layer cannot go unnoticed
+        p.data.uniform_(-0.5, 0.5)
+    _write_keras_h5(tmp_path / "k.h5", ref)
+    got = load_h5(tmp_path / "k.h5")
+    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), n
+    w = torch.randn(50, 5)
+    with torch.no_grad():
+        assert torch.equal(ref(w), got(w))
+
+
+def test_official_import_errors_name_the_file(tmp_path):
+    import h5py
+
+    from known.official import load_h5
+
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        load_h5(tmp_path / "nope.h5")
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_group("dense")
+    with pytest.raises(ValueError, match=r"bad\.h5: layer 'dense' lacks kernel"):
+        load_h5(tmp_path / "bad.h5")
+
+
+@pytest.mark.realdata
+def test_the_authors_weights_load_when_present():
+    from pathlib import Path
+
+    from known.official import load_dir
+
+    d = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "known-official"
+    if not d.exists():
+        pytest.skip("authors' KNOWN files not available")
+    models = load_dir(d)
+    w = torch.randn(1000, 5) * 0.05
+    with torch.no_grad():
+        res = models["conv"](w)
+    assert res.shape == (1000,) and torch.isfinite(res).all()
+
+
+def test_predict_cli_writes_loadable_safetensors(tmp_path, capsys):
+    import safetensors.torch
+
+    from known.predict import main
+
+    model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 32}, 1, 10)
+    files = []
+    for k, st in enumerate(_stages(model)):
+        files.append(tmp_path / f"s{k}.safetensors")
+        safetensors.torch.save_file(st, str(files[-1]))
+    torch.save(_stages(model)[0], tmp_path / "s0.pt")
+    official = tmp_path / "official"
+    official.mkdir()
+    torch.manual_seed(1)
+    for name in ("KNOWN_Conv.h5", "KNOWN_FC.h5", "KNOWN_Bias.h5"):
+        _write_keras_h5(official / name, KNOWN())
+    for method, extra in (("taskvector", []), ("known-official", ["--official", str(official)])):
+        out = tmp_path / method
+        stage_args = [str(tmp_path / "s0.pt"), *map(str, files[1:])]
+        assert main(["--stages", *stage_args, "--method", method, "--steps", "2", "--out", str(out), *extra]) == 0
+        for i in (1, 2):
+            model.load_state_dict(safetensors.torch.load_file(str(out / f"step{i}.safetensors")))
+    assert main(["--stages", *map(str, files), "--method", "known-official", "--out", str(tmp_path / "x")]) == 2
+    assert "--official" in capsys.readouterr().err
+    assert main(["--stages", *map(str, files[:4]), str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "y")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
