@@ -1,0 +1,249 @@
+"""Meta-train KNOWN on a collected meta-dataset: a Ray Train job that streams the shards.
+
+    python -m known.train --shards runs/demo --epochs 3
+    ray job submit --working-dir . -- python -m known.train --shards s3://bucket/meta …
+
+Sweeps are split into train / validation by sweep id (never by scalar). Ray Data reads the shards (safe
+decoder, files shuffled), turns every sweep into windows (one row per scalar: 5 inputs, 1 target, kind)
+and feeds them to the training workers in batches through a local shuffle buffer, so memory stays bounded
+whatever the size of the meta-dataset. One KNOWN per kind (conv / linear / bias), L1 loss on the residual.
+Checkpoints every ``--checkpoint-every`` steps and at each epoch end; running the same command again (same
+``--storage`` and ``--name``) resumes from the last checkpoint, and ``--max-failures`` lets Ray Train
+restart killed workers from it. Metrics go to MLflow; the final KNOWN is registered as ``KNOWN`` and
+becomes ``champion`` only if it beats the current champion on validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from known import baselines, registry
+from known.model import S
+from known.predict import PREDICTED_KINDS
+from known.windows import KIND_IDS, is_validation, sweep_windows
+from meta import catalog, readers
+
+METRIC = "val_rel_l1"  # Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over all validation scalars: < 1 beats "no change"
+
+
+def to_rows(batch: dict, seed: int = 0) -> dict:
+    """Ray Data map_batches: sweeps (sweep_id, json, safetensors) -> one row per (scalar, window)."""
+    xs, ys, ks = [], [], []
+    for sid, js, st in zip(batch["sweep_id"], batch["json"], batch["safetensors"]):
+        sample = readers.row_to_sample({"sweep_id": sid, "json": js, "safetensors": st})
+        for kind, (x, y) in sweep_windows(sample).items():
+            xs.append(x)
+            ys.append(y)
+            ks.append(np.full(len(y), KIND_IDS[kind], dtype=np.int8))
+    if not xs:
+        return {"x": np.zeros((0, S), np.float32), "y": np.zeros(0, np.float32), "kind": np.zeros(0, np.int8)}
+    x, y, k = np.concatenate(xs), np.concatenate(ys), np.concatenate(ks)
+    order = np.random.default_rng(seed).permutation(len(y))  # mix layers before the shuffle buffer
+    return {"x": x[order], "y": y[order], "kind": k[order]}
+
+
+class ErrorSums:
+    """Running Σ|error| per kind and method on validation windows, relative to Σ|Θk+1 − Θk| ("step")."""
+
+    METHODS = ("known", "taskvector", "linearfit")
+
+    def __init__(self):
+        self.sums = {(k, m): 0.0 for k in PREDICTED_KINDS for m in (*self.METHODS, "step")}
+
+    def add(self, kind: str, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
+        self.sums[(kind, "known")] += (pred - y).abs().sum().item()
+        self.sums[(kind, "taskvector")] += (baselines.predict("taskvector", x) - y).abs().sum().item()
+        self.sums[(kind, "linearfit")] += (baselines.predict("linearfit", x) - y).abs().sum().item()
+        self.sums[(kind, "step")] += (x[:, -1] - y).abs().sum().item()
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for m in self.METHODS:
+            num = sum(self.sums[(k, m)] for k in PREDICTED_KINDS)
+            den = sum(self.sums[(k, "step")] for k in PREDICTED_KINDS)
+            out[f"val_rel_l1_{m}"] = num / den if den else float("nan")
+            for k in PREDICTED_KINDS:
+                d = self.sums[(k, "step")]
+                out[f"val_rel_l1_{m}_{k}"] = self.sums[(k, m)] / d if d else float("nan")
+        out[METRIC] = out["val_rel_l1_known"]
+        return out
+
+
+def _checkpoint_dir(models, opts, epoch: int, step: int, d: str) -> str:
+    registry.save_dir({k: _unwrap(m) for k, m in models.items()}, d)
+    torch.save({k: o.state_dict() for k, o in opts.items()}, Path(d) / "optimizers.pt")
+    (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step}))
+    return d
+
+
+def _unwrap(m):
+    return m.module if hasattr(m, "module") else m
+
+
+def train_loop(cfg: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    torch.manual_seed(cfg["seed"])
+    ctx = ray.train.get_context()
+    models = registry.fresh(cfg["seed"])
+    opts = {k: torch.optim.Adam(m.parameters(), lr=cfg["lr"]) for k, m in models.items()}
+    epoch0, step = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume: weights, optimiser state and progress of the last checkpoint
+        with ckpt.as_directory() as d:
+            for k, m in registry.load_dir(d).items():
+                models[k].load_state_dict(m.state_dict())
+            for k, st in torch.load(Path(d) / "optimizers.pt", weights_only=True).items():
+                opts[k].load_state_dict(st)
+            progress = json.loads((Path(d) / "progress.json").read_text())
+            epoch0, step = progress["epoch"], progress["step"]
+    resumed_from = step  # reported with every metric, so a resumed run is visible as one
+    if ctx.get_world_size() > 1:
+        from ray.train.torch import prepare_model
+
+        models = {k: prepare_model(m) for k, m in models.items()}
+    mlflow = MlflowClient(cfg["tracking_uri"]) if ctx.get_world_rank() == 0 and cfg.get("run_id") else None
+
+    def report(metrics: dict, epoch: int) -> None:
+        if mlflow:
+            mlflow.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory() as d:
+            ck = ray.train.Checkpoint.from_directory(_checkpoint_dir(models, opts, epoch, step, d)) if ctx.get_world_rank() == 0 else None
+            ray.train.report({**metrics, "step": step, "epoch": epoch, "resumed_from_step": resumed_from}, checkpoint=ck)
+
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(epoch0, cfg["epochs"]):
+        sums = {k: [0.0, 0] for k in PREDICTED_KINDS}
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], local_shuffle_buffer_size=cfg["shuffle_buffer"],
+                                                    local_shuffle_seed=cfg["seed"] + epoch):
+            x, y, kind = batch["x"].float(), batch["y"].float(), batch["kind"]
+            for k, model in models.items():
+                mask = kind == KIND_IDS[k]
+                opts[k].zero_grad(set_to_none=True)
+                if mask.any():
+                    loss = (model(x[mask]) - (y[mask] - x[mask][:, -1])).abs().mean()
+                    sums[k][0] += loss.item() * int(mask.sum())
+                    sums[k][1] += int(mask.sum())
+                else:  # every rank must run every model's backward (DDP), even on a batch without this kind
+                    loss = sum(p.sum() * 0.0 for p in model.parameters())
+                loss.backward()
+                opts[k].step()
+            step += 1
+            if step % cfg["checkpoint_every"] == 0:
+                report({f"train_l1_{k}": s / max(n, 1) for k, (s, n) in sums.items()}, epoch)
+        errors = ErrorSums()
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=cfg["batch_size"]):
+                x, y, kind = batch["x"].float(), batch["y"].float(), batch["kind"]
+                for k, model in models.items():
+                    mask = kind == KIND_IDS[k]
+                    if mask.any():
+                        errors.add(k, x[mask], y[mask], _unwrap(model).step(x[mask]))
+        train = {f"train_l1_{k}": s / max(n, 1) for k, (s, n) in sums.items()}
+        report({**train, **errors.metrics()}, epoch + 1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m known.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="meta-dataset folder or URI (catalog.parquet + shards/)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
+    p.add_argument("--batch-size", type=int, default=8192, help="scalar windows per optimisation step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of sweeps held out (split by sweep id)")
+    p.add_argument("--shuffle-buffer", type=int, default=65536, help="rows in each worker's local shuffle buffer")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (data-parallel)")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs each training worker reserves; the rest "
+                   "of the cluster's CPUs stay free for Ray Data (so a CPU-only cluster cannot deadlock)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
+    p.add_argument("--storage", default="runs/known-train", help="Ray Train storage (checkpoints); local or URI")
+    p.add_argument("--name", default="known", help="run name under --storage; the same name resumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default="known-meta-training", help="MLflow experiment")
+    p.add_argument("--no-register", action="store_true", help="do not register the result in the model registry")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "checkpoint_every", "num_workers", "shuffle_buffer"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.lr <= 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = [r for r in catalog.read(args.shards) if r["status"] == "done"]
+    val_ids = {r["sweep_id"] for r in rows if is_validation(r["sweep_id"], args.val_fraction)}
+    if not rows:
+        print(f"error: no done sweeps in {args.shards}/{catalog.FILENAME}", file=sys.stderr)
+        return 2
+    if not val_ids or len(val_ids) == len(rows):
+        print(f"error: {len(rows)} sweeps cannot be split into train and validation with --val-fraction "
+              f"{args.val_fraction}; collect more sweeps or change the fraction", file=sys.stderr)
+        return 2
+
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from meta import storage
+
+    if not ray.is_initialized():
+        ray.init()
+    uri = registry.tracking_uri(args.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(args.experiment)
+    from ray.data import FileShuffleConfig
+
+    def dataset(keep):
+        return readers.ray_dataset(args.shards, where=lambda r: keep(r["sweep_id"] in val_ids),
+                                   shuffle=FileShuffleConfig(seed=args.seed)).map_batches(
+            to_rows, batch_size=1, fn_kwargs={"seed": args.seed})
+
+    with mlflow.start_run(run_name=args.name) as run:
+        mlflow.log_params({**vars(args), "n_sweeps_train": len(rows) - len(val_ids), "n_sweeps_val": len(val_ids)})
+        mlflow.log_text("\n".join(sorted(val_ids)), "validation_sweeps.txt")
+        cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+               "shuffle_buffer": args.shuffle_buffer, "checkpoint_every": args.checkpoint_every,
+               "tracking_uri": uri, "run_id": run.info.run_id}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=cfg,
+            scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=torch.cuda.is_available(),
+                                         resources_per_worker={"CPU": args.cpus_per_worker}),
+            datasets={"train": dataset(lambda is_val: not is_val), "val": dataset(lambda is_val: is_val)},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(name=args.name, storage_path=storage.normalize(args.storage),
+                                 failure_config=FailureConfig(max_failures=args.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+        final = {k: v for k, v in result.metrics.items() if k.startswith("val_") or k in ("step", "resumed_from_step")}
+        with result.checkpoint.as_directory() as d:
+            models = registry.load_dir(d)
+            mlflow.log_artifacts(d, artifact_path="checkpoint")
+        print(json.dumps({"run_id": run.info.run_id, **final}, indent=1))
+        if not args.no_register:
+            version, champion = registry.publish(models, METRIC, final[METRIC], uri)
+            print(f"registered {registry.MODEL_NAME} version {version}"
+                  f"{' as ' + registry.ALIAS if champion else ' (champion kept: it validates better)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

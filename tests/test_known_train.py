@@ -1,0 +1,74 @@
+"""KNOWN meta-training end to end on a tiny collected meta-dataset: Ray Train + MLflow registry."""
+
+import json
+
+import pytest
+
+from collectors.collect import collect
+from collectors.config import sample_specs
+from conftest import tiny_config
+from known import registry, train
+from known.windows import chunks, is_validation, sweep_windows, window_targets
+from meta import readers
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def meta_root(ray_local, settings, tmp_path_factory):
+    out = tmp_path_factory.mktemp("meta")
+    cfg = tiny_config(num_sweeps=6, space__families=["cnn"], seed=126)  # seed 126: six CNNs of 2k-13k parameters
+    s = collect(sample_specs(cfg), str(out), settings, cfg.workers, num_workers=2)
+    assert s.done == 6
+    return out
+
+
+def test_windows_take_s_stages_least_data_first_and_the_next_stage_as_target(meta_root):
+    sample = next(readers.iter_sweeps(str(meta_root)))
+    L = sample.record["n_stages"]
+    assert window_targets(L) == [0, 1]
+    wins = sweep_windows(sample)
+    conv = [m["name"] for m in sample.record["tensors"] if m["kind"] == "conv"]
+    first = sample.tensors[conv[0]].reshape(L, -1)
+    x, y = wins["conv"]
+    n = sum(sample.tensors[c][0].size for c in conv)
+    assert x.shape == (2 * n, 5) and y.shape == (2 * n,)
+    # window k=0: inputs stages 5,4,3,2,1 (least data first), target stage 0; k=1: stages 6..2 -> stage 1
+    assert (x[0] == first[[5, 4, 3, 2, 1], 0]).all() and y[0] == first[0, 0]
+    assert (x[n] == first[[6, 5, 4, 3, 2], 0]).all() and y[n] == first[1, 0]
+    rows = list(chunks(sample, 100, seed=0))
+    assert sum(len(r["y"]) for r in rows) == sum(len(v[1]) for v in wins.values())
+
+
+def test_split_is_by_sweep_and_deterministic():
+    ids = [f"{i:016x}" for i in range(1000)]
+    val = [is_validation(i, 0.2) for i in ids]
+    assert 150 < sum(val) < 250 and val == [is_validation(i, 0.2) for i in ids]
+
+
+def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ["--shards", str(meta_root), "--batch-size", "4096", "--checkpoint-every", "5", "--val-fraction", "0.34",
+            "--storage", str(tmp_path / "train"), "--tracking-uri", uri]
+    assert train.main([*base, "--epochs", "1", "--name", "run"]) == 0
+    out = capsys.readouterr().out
+    first = json.loads(out[out.index("{"): out.index("}") + 1])
+    assert first["val_rel_l1_known"] > 0 and first["resumed_from_step"] == 0 and "version 1 as champion" in out
+    models = registry.load("models:/KNOWN@champion", uri)
+    assert set(models) == {"conv", "linear", "bias"}
+    assert sum(p.numel() for p in models["conv"].parameters()) == 9425
+    # the same name again with more epochs continues from the checkpoint instead of starting over
+    assert train.main([*base, "--epochs", "2", "--name", "run"]) == 0
+    out = capsys.readouterr().out
+    second = json.loads(out[out.index("{"): out.index("}") + 1])
+    assert "registered KNOWN version 2" in out
+    assert second["resumed_from_step"] == first["step"] and second["step"] == 2 * first["step"]
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--shards", "x", "--val-fraction", "1.5"])
+    assert "--val-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert train.main(["--shards", str(tmp_path)]) == 2
+    assert "no done sweeps" in capsys.readouterr().err
