@@ -33,3 +33,4 @@ bench: data
 	OBLIVION_DATA=$(DATA) $(PY) bench/recording_overhead.py
 	OBLIVION_DATA=$(DATA) $(PY) bench/parallel_scaling.py
 	OBLIVION_DATA=$(DATA) $(PY) bench/real_sweeps.py $(CIFAR_FLAG)
+	$(PY) bench/predict_speed.py

@@ -20,6 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import ray
+import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 from tqdm import tqdm
 
@@ -28,7 +29,7 @@ from collectors.config import SweepSpec, WorkerSettings
 from collectors.data import DataError, DataSettings
 from collectors.sweep import SweepDiverged, run_sweep, to_record
 from meta import catalog, storage
-from meta.shards import ShardError, ShardInfo, encode_sample, iter_shard
+from meta.shards import ShardError, ShardInfo, ShardWriter, encode_sample, iter_shard
 
 _WORKER_DEATH = (ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError)
 
@@ -38,10 +39,6 @@ class SweepWorker:
     """Runs sweeps one at a time and appends them to its own shard series under ``out/shards``."""
 
     def __init__(self, out: str, prefix: str, settings: DataSettings, threads: int, max_bytes: int, max_seconds: float, chaos_spec: str | None):
-        import torch
-
-        from meta.shards import ShardWriter
-
         torch.set_num_threads(threads)  # workers x threads <= cores: two workers never fight over a core
         self.settings, self.prefix, self.chaos = settings, prefix, chaos_spec
         self.writer = ShardWriter(storage.join(out, catalog.SHARDS_DIR), prefix, max_bytes, max_seconds)

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
     import ray
+    from ray.data import FileShuffleConfig
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -208,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     uri = registry.tracking_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(args.experiment)
-    from ray.data import FileShuffleConfig
 
     def dataset(keep):
         return readers.ray_dataset(args.shards, where=lambda r: keep(r["sweep_id"] in val_ids),

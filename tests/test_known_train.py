@@ -72,3 +72,44 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert "--val-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
     assert train.main(["--shards", str(tmp_path)]) == 2
     assert "no done sweeps" in capsys.readouterr().err
+
+
+def test_validation_table_on_held_out_stages(meta_root, settings, tmp_path, capsys):
+    from known import validate
+    from known.model import KNOWN
+    from test_known import _write_keras_h5
+
+    official = tmp_path / "official"
+    official.mkdir()
+    for name in ("KNOWN_Conv.h5", "KNOWN_FC.h5", "KNOWN_Bias.h5"):
+        _write_keras_h5(official / name, KNOWN())
+    out_json = tmp_path / "rows.json"
+    code = validate.main(["--shards", str(meta_root), "--data-root", settings.root, "--unverified-cifar10",
+                          "--methods", "taskvector", "linearfit", "known-official", "--official", str(official),
+                          "--json", str(out_json)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| taskvector |" in table and "| known-official |" in table and "12 windows from 6 sweeps" in table
+    rows = json.loads(out_json.read_text())
+    assert all(0 <= r["acc_taskvector_reestimate"] <= 1 and r["rel_l1_taskvector"] > 0 for r in rows)
+    # a fit that keeps the newest values would score exactly 1; the fits move, so they differ from 1
+    assert all(abs(r["rel_l1_linearfit"] - 1) > 1e-6 for r in rows)
+
+
+def test_reestimated_bn_statistics_are_the_exact_batch_statistics():
+    import torch
+    from torch import nn
+
+    from known.predict import reestimate_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
+    model(torch.zeros(2, 1, 28, 28))
+    from collectors import data
+
+    reestimate_bn(model, "mnist", images, batch=100)  # equal batches: the average of batch means is the mean
+    with torch.no_grad():
+        feats = model[0](data.normalize("mnist", images))
+    assert torch.allclose(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5)
+    assert not model.training

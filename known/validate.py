@@ -1,0 +1,158 @@
+"""Validation that means something: predict a recorded stage from the five after it and compare.
+
+For every selected sweep and window k (inputs Θk+1 … Θk+5, target Θk), each method predicts Θ̂k. We report
+(a) the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over the predicted tensors (1.0 = no better than
+keeping the newest input), and (b) the test accuracy of Θ̂k on the sweep's own task, next to the accuracy of
+Θk+1 (what we started from) and of the true Θk (what we aimed at), under three BatchNorm policies:
+``keep`` (running statistics of Θk+1), ``reestimate`` (recomputed on source training images) and ``reset``
+(initial values, what the official pipeline does).
+
+    python -m known.validate --shards runs/demo --data-root .data --unverified-cifar10 --methods taskvector linearfit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+from collectors import data, zoo
+from collectors.config import SweepSpec
+from collectors.sweep import evaluate
+from known.model import S
+from known.predict import METHODS, reestimate_bn, retrodict
+from known.windows import is_validation, window_targets
+from meta import readers
+
+BN_POLICIES = ("keep", "reestimate", "reset")
+
+
+def _reset_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.reset_parameters()
+
+
+def _rel_l1(pred: dict, target: dict, newest: dict, kinds: dict) -> float:
+    names = [n for n, k in kinds.items() if k in ("conv", "linear", "bias")]
+    num = sum((pred[n] - target[n]).abs().sum().item() for n in names)
+    den = sum((newest[n] - target[n]).abs().sum().item() for n in names)
+    return num / den if den else float("nan")
+
+
+def validate_sweep(sample, methods: dict, settings: data.DataSettings, n_bn: int = 2000) -> list[dict]:
+    spec = SweepSpec.model_validate(sample.record["spec"])
+    info = data.DATASETS[spec.dataset]
+    torch.manual_seed(0)
+    model = zoo.build(spec.family, spec.arch, info.channels, info.num_classes)
+    kinds = zoo.tensor_kinds(model)
+    test = data.load(spec.dataset, settings, False)
+    if spec.test_size:
+        test = data.Split(test.x[: spec.test_size], test.y[: spec.test_size])
+    bn_images = data.load(spec.dataset, settings, True).x[:n_bn]
+    stages = [{n: torch.from_numpy(np.array(t[k])) for n, t in sample.tensors.items()} for k in range(spec.n_stages)]
+
+    def acc(state: dict, bn: str = "keep") -> float:
+        model.load_state_dict(state)
+        if bn == "reestimate":
+            reestimate_bn(model, spec.dataset, bn_images)
+        elif bn == "reset":
+            _reset_bn(model)
+        return evaluate(model, spec.dataset, test)[1]
+
+    rows = []
+    for k in window_targets(spec.n_stages):
+        window = stages[k + 1 : k + 1 + S]  # Θk+1 (most data) … Θk+5
+        row = {"sweep_id": sample.key, "family": spec.family, "dataset": spec.dataset, "target_stage": k,
+               "acc_newest": acc(window[0]), "acc_true": acc(stages[k]),
+               "acc_newest_reestimate": acc(window[0], "reestimate")}
+        for name, models in methods.items():
+            pred = retrodict(window, steps=1, method=name, models=models, kinds=kinds)[0]
+            row[f"rel_l1_{name}"] = _rel_l1(pred, stages[k], window[0], kinds)
+            for bn in BN_POLICIES:
+                row[f"acc_{name}_{bn}"] = acc(pred, bn)
+        rows.append(row)
+    return rows
+
+
+def summary_table(rows: list[dict], methods: list[str]) -> str:
+    """Markdown: one line per method, means over all windows."""
+    def mean(key):
+        vals = [r[key] for r in rows if key in r]
+        return statistics.fmean(vals) if vals else float("nan")
+
+    lines = ["| method | rel. L1 (↓, 1 = newest) | acc, BN kept | acc, BN re-estimated | acc, BN reset |",
+             "| --- | --- | --- | --- | --- |",
+             f"| Θk+1 (input, newest) | 1 | {mean('acc_newest'):.4f} | {mean('acc_newest_reestimate'):.4f} | — |",
+             f"| Θk (true target) | 0 | {mean('acc_true'):.4f} | — | — |"]
+    for m in methods:
+        lines.append(f"| {m} | {mean(f'rel_l1_{m}'):.4f} | {mean(f'acc_{m}_keep'):.4f} | "
+                     f"{mean(f'acc_{m}_reestimate'):.4f} | {mean(f'acc_{m}_reset'):.4f} |")
+    return "\n".join(lines) + f"\n\n{len(rows)} windows from {len({r['sweep_id'] for r in rows})} sweeps."
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m known.validate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="meta-dataset folder or URI")
+    p.add_argument("--methods", nargs="+", default=["taskvector", "linearfit"], choices=METHODS)
+    p.add_argument("--known", default=None, help="our KNOWN: models:/KNOWN@champion, models:/KNOWN/<v> or a folder")
+    p.add_argument("--official", default=None, help="folder with the authors' KNOWN_*.h5 (for known-official)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="only the validation split of known.train with this fraction (default: every sweep)")
+    p.add_argument("--families", nargs="+", default=None, help="only sweeps of these architecture families")
+    p.add_argument("--max-sweeps", type=int, default=None, help="at most this many sweeps (catalog order)")
+    p.add_argument("--data-root", default=None, help=f"dataset root (default ${data.ENV_ROOT})")
+    p.add_argument("--unverified-cifar10", action="store_true")
+    p.add_argument("--json", default=None, help="also write every window's numbers to this file")
+    args = p.parse_args(argv)
+    try:
+        settings = data.DataSettings(data.resolve_root(args.data_root), unverified_cifar10=args.unverified_cifar10)
+        methods = {}
+        for m in args.methods:
+            if m == "known":
+                from known import registry
+
+                if not args.known:
+                    raise ValueError("--methods known needs --known URI_OR_FOLDER")
+                methods[m] = registry.load(args.known)
+            elif m == "known-official":
+                from known.official import load_dir
+
+                if not args.official:
+                    raise ValueError("--methods known-official needs --official DIR")
+                methods[m] = load_dir(args.official)
+            else:
+                methods[m] = None
+    except (data.DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    def where(row: dict) -> bool:
+        return ((args.val_fraction is None or is_validation(row["sweep_id"], args.val_fraction))
+                and (args.families is None or row["family"] in args.families))
+
+    rows = []
+    for i, sample in enumerate(readers.iter_sweeps(args.shards, where=where)):
+        if args.max_sweeps is not None and i >= args.max_sweeps:
+            break
+        rows += validate_sweep(sample, methods, settings)
+        print(f"validated {sample.key} ({sample.record['spec']['family']}, {sample.record['spec']['dataset']})",
+              file=sys.stderr, flush=True)
+    if not rows:
+        print("error: no sweeps with enough stages to validate", file=sys.stderr)
+        return 2
+    print(summary_table(rows, list(methods)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
