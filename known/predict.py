@@ -70,7 +70,7 @@ def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int) ->
     if method in baselines.METHODS:
         return baselines.predict(method, window)
     out = torch.empty(window.shape[0], dtype=window.dtype, device=window.device)
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in range(0, window.shape[0], chunk):
             out[i : i + chunk] = model.step(window[i : i + chunk])
     return out
