@@ -2,7 +2,8 @@
 
 Set ``OBLIVION_CHAOS=<dir>:<sweep_id>@<stage>[,<sweep_id>@<stage>…]`` in the driver's environment. The
 worker running that sweep exits abruptly (``os._exit``, as an OOM kill would) after that stage, and leaves a
-marker in ``<dir>`` so that the retry runs through. Unset, this costs one string comparison per stage.
+marker in ``<dir>`` so that the retry runs through. ``<sweep_id>@write`` instead makes writing that sweep's
+shard sample fail once (as a full disk would). Unset, this costs one string comparison per stage.
 """
 
 from __future__ import annotations
@@ -13,15 +14,23 @@ from pathlib import Path
 ENV = "OBLIVION_CHAOS"
 
 
-def maybe_kill(spec: str | None, sweep_id: str, stage: int) -> None:
+def _fire_once(spec: str | None, target: str) -> bool:
     if not spec:
-        return
+        return False
     directory, _, targets = spec.partition(":")
-    if f"{sweep_id}@{stage}" not in targets.split(","):
-        return
-    marker = Path(directory) / f"{sweep_id}@{stage}.killed"
-    if marker.exists():
-        return
+    marker = Path(directory) / f"{target}.fired"
+    if target not in targets.split(",") or marker.exists():
+        return False
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    os._exit(137)
+    return True
+
+
+def maybe_kill(spec: str | None, sweep_id: str, stage: int) -> None:
+    if _fire_once(spec, f"{sweep_id}@{stage}"):
+        os._exit(137)
+
+
+def maybe_fail_write(spec: str | None, sweep_id: str) -> None:
+    if _fire_once(spec, f"{sweep_id}@write"):
+        raise OSError(f"injected write failure for sweep {sweep_id}")

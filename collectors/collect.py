@@ -34,6 +34,10 @@ from meta.shards import ShardError, ShardInfo, ShardWriter, encode_sample, iter_
 _WORKER_DEATH = (ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError)
 
 
+class WriterError(RuntimeError):
+    """Writing or publishing a shard failed; the worker's open shard was discarded."""
+
+
 @ray.remote
 class SweepWorker:
     """Runs sweeps one at a time and appends them to its own shard series under ``out/shards``."""
@@ -57,11 +61,24 @@ class SweepWorker:
         except (SweepDiverged, DataError, ValueError) as e:
             return {"sweep_id": sid, "ok": False, "error": f"{type(e).__name__}: {e}", "published": []}
         record = to_record(result)
-        published = self.writer.write(encode_sample(record, result.tensors))
+
+        def write():
+            chaos.maybe_fail_write(self.chaos, sid)
+            return self.writer.write(encode_sample(record, result.tensors))
+
+        published = self._guarded(write)
         return {"sweep_id": sid, "ok": True, "record": record, "published": published}
 
     def flush(self) -> list[ShardInfo]:
-        return self.writer.close()
+        return self._guarded(self.writer.close)
+
+    def _guarded(self, fn, *args):
+        """A failed write leaves no half-written shard behind: the open shard is dropped, the driver told."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.writer.abort()
+            raise WriterError(f"{type(e).__name__}: {e}") from e
 
 
 @dataclass
@@ -149,9 +166,10 @@ def collect(
     cpus = ray.cluster_resources().get("CPU", 0)
     if w.cpus_per_worker > cpus:
         raise ValueError(f"workers.cpus_per_worker={w.cpus_per_worker} exceeds the cluster's {cpus} CPUs: no worker could start")
-    if num_workers is None:
-        num_workers = max(1, int(cpus // w.cpus_per_worker))
-    num_workers = min(num_workers, len(todo))
+    capacity = max(1, int(cpus // w.cpus_per_worker))
+    if num_workers is not None and num_workers > capacity:
+        print(f"--num-workers {num_workers} exceeds what {cpus:g} CPUs hold at {w.cpus_per_worker:g} each; using {capacity}")
+    num_workers = min(num_workers or capacity, capacity, len(todo))
     run_tag = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     chaos_spec = os.environ.get(chaos.ENV)
 
@@ -202,24 +220,29 @@ def collect(
             i, sid = inflight.pop(ready[0])
             try:
                 res = ray.get(ready[0])
-            except _WORKER_DEATH as e:
+            except (*_WORKER_DEATH, ray.exceptions.RayTaskError) as e:
+                writer_failed = isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, WriterError)
+                if isinstance(e, ray.exceptions.RayTaskError) and not writer_failed:  # a bug in sweep code
+                    fail(sid, "".join(traceback.format_exception_only(e.cause or e)).strip(), attempts[sid] + 1)
+                    continue
+                reason = f"shard write failed: {e.cause}" if writer_failed else f"worker died: {type(e).__name__}"
                 lost = list(pending[i])  # finished on that worker but never published: run them again
                 pending[i] = {}
-                todo.extendleft(by_id[s] for s in reversed(lost))
-                bar.update(-len(lost))
+                ray.kill(workers[i])  # an unavailable actor may come back: it must not publish behind our back
                 generation[i] += 1
                 workers[i] = new_worker(i, generation[i])
-                reason = f"worker died: {type(e).__name__}"
-                print(f"worker {i} died ({type(e).__name__}); {len(lost)} unpublished sweeps re-queued", flush=True)
-                if sid is not None:
-                    attempts[sid] += 1
-                    if attempts[sid] > w.max_retries:
-                        fail(sid, f"{reason} on all {attempts[sid]} attempts", attempts[sid])
+                print(f"worker {i}: {reason}; {len(lost)} unpublished sweeps re-queued", flush=True)
+                bar.update(-len(lost))
+                # a dead worker charges only the sweep it was running; a failing write charges every sweep
+                # it lost, so a full disk ends in failed rows instead of an endless loop
+                for s in ([sid] if sid is not None else []) + (lost if writer_failed else []):
+                    attempts[s] += 1
+                    if attempts[s] > w.max_retries:
+                        fail(s, f"{reason} (on all {attempts[s]} attempts)", attempts[s])
                     else:
-                        todo.appendleft(by_id[sid])
-                continue
-            except ray.exceptions.RayTaskError as e:  # a bug in sweep code: not retried, reason recorded
-                fail(sid, "".join(traceback.format_exception_only(e.cause or e)).strip(), attempts[sid] + 1)
+                        todo.appendleft(by_id[s])
+                if not writer_failed:
+                    todo.extendleft(by_id[s] for s in reversed(lost))
                 continue
             if sid is None:
                 record_published(res, i)

@@ -19,9 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from collectors import zoo
 from collectors.data import DATASETS
 
-OPTIMIZERS = ("adam", "sgd")
-
-
 class ConfigError(ValueError):
     """A config that cannot run; raised before any Ray work starts."""
 

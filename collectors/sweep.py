@@ -115,6 +115,14 @@ def nested_subsets(n_train: int, spec: SweepSpec) -> list[torch.Tensor]:
     return subsets
 
 
+def test_split(spec: SweepSpec, test: data.Split) -> data.Split:
+    """The test images a sweep is evaluated on: all, or a seeded random ``test_size`` of them."""
+    if spec.test_size is None or spec.test_size >= len(test):
+        return test
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(spec.seed + 2))[: spec.test_size]
+    return data.Split(test.x[idx], test.y[idx])
+
+
 def run_sweep(
     spec: SweepSpec,
     settings: data.DataSettings,
@@ -134,9 +142,7 @@ def run_sweep(
     kinds = zoo.tensor_kinds(model)
 
     subsets = nested_subsets(len(train), spec)
-    if spec.test_size is not None and spec.test_size < len(test):
-        t_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(spec.seed + 2))[: spec.test_size]
-        test = data.Split(test.x[t_idx], test.y[t_idx])
+    test = test_split(spec, test)
     gen = torch.Generator().manual_seed(spec.seed + 1)  # batch order
 
     stages: list[StageMetrics] = []

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                         "taskvector: Θ0 + 0.2(Θ0 − Θ1); linearfit / logfit / expfit: per-coordinate curve fits")
     p.add_argument("--steps", type=int, default=3, help="how many stages back to predict (×1/r, ×1/r², …)")
     p.add_argument("--official", metavar="DIR", help="folder with KNOWN_Conv.h5, KNOWN_FC.h5, KNOWN_Bias.h5")
+    p.add_argument("--known", metavar="URI", help="our KNOWN for --method known: models:/KNOWN@champion, "
+                   "models:/KNOWN/<version> (MLFLOW_TRACKING_URI) or a folder of safetensors")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/step1.safetensors … (one per step)")
     args = p.parse_args(argv)
     try:
@@ -176,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
 
             models = load_dir(args.official)
         elif args.method == "known":
-            raise PredictError("--method known needs a trained KNOWN, which this version does not ship yet; "
-                               "use known-official or a baseline")
+            if not args.known:
+                raise PredictError("--method known needs --known URI_OR_FOLDER (this version ships no KNOWN yet)")
+            from known import registry
+
+            models = registry.load(args.known)
         preds = retrodict(stages, args.steps, args.method, models=models)
     except (PredictError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

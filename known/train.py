@@ -9,7 +9,8 @@ and feeds them to the training workers in batches through a local shuffle buffer
 whatever the size of the meta-dataset. One KNOWN per kind (conv / linear / bias), L1 loss on the residual.
 Checkpoints every ``--checkpoint-every`` steps and at each epoch end; running the same command again (same
 ``--storage`` and ``--name``) resumes from the last checkpoint, and ``--max-failures`` lets Ray Train
-restart killed workers from it. Metrics go to MLflow; the final KNOWN is registered as ``KNOWN`` and
+restart killed workers from it. A checkpoint taken mid-epoch resumes at the start of that epoch, with the
+checkpoint's weights (the batches before it are seen once more). Metrics go to MLflow; the final KNOWN is registered as ``KNOWN`` and
 becomes ``champion`` only if it beats the current champion on validation.
 """
 
@@ -93,9 +94,12 @@ def train_loop(cfg: dict) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from ray.train.torch import get_device
+
     torch.manual_seed(cfg["seed"])
     ctx = ray.train.get_context()
-    models = registry.fresh(cfg["seed"])
+    device = get_device()  # batches arrive on it (CUDA when the worker has a GPU)
+    models = {k: m.to(device) for k, m in registry.fresh(cfg["seed"]).items()}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg["lr"]) for k, m in models.items()}
     epoch0, step = 0, 0
     ckpt = ray.train.get_checkpoint()
@@ -103,7 +107,7 @@ def train_loop(cfg: dict) -> None:
         with ckpt.as_directory() as d:
             for k, m in registry.load_dir(d).items():
                 models[k].load_state_dict(m.state_dict())
-            for k, st in torch.load(Path(d) / "optimizers.pt", weights_only=True).items():
+            for k, st in torch.load(Path(d) / "optimizers.pt", map_location=device, weights_only=True).items():
                 opts[k].load_state_dict(st)
             progress = json.loads((Path(d) / "progress.json").read_text())
             epoch0, step = progress["epoch"], progress["step"]
@@ -134,8 +138,8 @@ def train_loop(cfg: dict) -> None:
                     loss = (model(x[mask]) - (y[mask] - x[mask][:, -1])).abs().mean()
                     sums[k][0] += loss.item() * int(mask.sum())
                     sums[k][1] += int(mask.sum())
-                else:  # every rank must run every model's backward (DDP), even on a batch without this kind
-                    loss = sum(p.sum() * 0.0 for p in model.parameters())
+                else:  # every rank must run every model's forward and backward (DDP's allreduce), even
+                    loss = model(x[:1]).sum() * 0.0  # on a batch without this kind: a zero-weighted pass
                 loss.backward()
                 opts[k].step()
             step += 1

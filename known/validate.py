@@ -23,7 +23,7 @@ from torch import nn
 
 from collectors import data, zoo
 from collectors.config import SweepSpec
-from collectors.sweep import evaluate
+from collectors.sweep import evaluate, test_split
 from known.model import S
 from known.predict import METHODS, reestimate_bn, retrodict
 from known.windows import is_validation, window_targets
@@ -52,9 +52,7 @@ def validate_sweep(sample, methods: dict, settings: data.DataSettings, n_bn: int
     torch.manual_seed(0)
     model = zoo.build(spec.family, spec.arch, info.channels, info.num_classes)
     kinds = zoo.tensor_kinds(model)
-    test = data.load(spec.dataset, settings, False)
-    if spec.test_size:
-        test = data.Split(test.x[: spec.test_size], test.y[: spec.test_size])
+    test = test_split(spec, data.load(spec.dataset, settings, False))  # the images the sweep was scored on
     bn_images = data.load(spec.dataset, settings, True).x[:n_bn]
     stages = [{n: torch.from_numpy(np.array(t[k])) for n, t in sample.tensors.items()} for k in range(spec.n_stages)]
 

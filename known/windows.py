@@ -9,7 +9,6 @@ of tensor they belong to (conv / linear / bias), one KNOWN per kind.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -48,16 +47,3 @@ def is_validation(sweep_id: str, fraction: float) -> bool:
     """Deterministic split by sweep (never by scalar): the same sweep is always on the same side."""
     h = int(hashlib.sha256(sweep_id.encode()).hexdigest()[:8], 16) / 2**32
     return h < fraction
-
-
-def chunks(sample: Sample, chunk: int, seed: int, s: int = S) -> Iterator[dict]:
-    """Shuffled chunks of ``chunk`` scalars of one kind: the rows the streaming trainer consumes.
-
-    Scalars are permuted within the sweep so that a chunk mixes layers, and a chunk never mixes kinds.
-    """
-    rng = np.random.default_rng([seed, int(hashlib.sha256(sample.key.encode()).hexdigest()[:8], 16)])
-    for kind, (x, y) in sweep_windows(sample, s).items():
-        order = rng.permutation(len(y))
-        for i in range(0, len(y), chunk):
-            idx = order[i : i + chunk]
-            yield {"sweep_id": sample.key, "kind": KIND_IDS[kind], "x": x[idx], "y": y[idx]}

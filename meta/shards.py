@@ -80,7 +80,8 @@ def decode_sample(raw: dict, shard: str = "?") -> Sample:
     except Exception as e:  # safetensors raises its own error type on garbage
         raise ShardError(f"shard {shard}: sample {key!r} has unreadable tensors: {e}") from e
     meta = record.get("tensors")
-    if not isinstance(meta, list) or {m.get("name") for m in meta if isinstance(m, dict)} != set(tensors):
+    if (not isinstance(meta, list) or not all(isinstance(m, dict) and isinstance(m.get("shape"), list) for m in meta)
+            or {m.get("name") for m in meta} != set(tensors) or not isinstance(record.get("n_stages"), int)):
         raise ShardError(f"shard {shard}: sample {key!r}: tensor list in the record does not match the tensors")
     for m in meta:
         if list(tensors[m["name"]].shape) != [record["n_stages"], *m["shape"]]:
@@ -196,6 +197,8 @@ def iter_shard(path: str, *, sha256: str | None = None) -> Iterator[Sample]:
 
 
 def _samples(blob: bytes, path: str) -> Iterator[Sample]:
+    if blob[:2] == b"\x1f\x8b" or blob[:6] == b"\xfd7zXZ\x00" or blob[:3] == b"BZh":
+        raise ShardError(f"shard {path} is compressed; shards are plain tar files (no decompression bombs)")
     def names_checked():
         try:
             for member in tar_file_iterator(io.BytesIO(blob)):
@@ -207,5 +210,10 @@ def _samples(blob: bytes, path: str) -> Iterator[Sample]:
         except tarfile.TarError as e:
             raise ShardError(f"shard {path} is truncated or not a tar file: {e}") from e
 
-    for raw in group_by_keys(names_checked()):
-        yield decode_sample(raw, path)
+    try:
+        for raw in group_by_keys(names_checked()):
+            yield decode_sample(raw, path)
+    except ValueError as e:  # webdataset: duplicate member names in one sample
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(f"shard {path}: {e}") from e

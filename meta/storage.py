@@ -28,8 +28,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
-def join(*parts: str) -> str:
-    return posixpath.join(*parts)
+def join(base: str, *parts: str) -> str:
+    """``base``/``parts``; a URI's query (``s3://b/p?endpoint_override=…``) stays at the end."""
+    path, sep, query = base.partition("?")
+    return posixpath.join(path, *parts) + sep + query
 
 
 def normalize(uri: str) -> str:
@@ -38,8 +40,11 @@ def normalize(uri: str) -> str:
 
 
 def uri_like(root: str, path: str) -> str:
-    """``path`` from ``resolve(root)[0]`` as a URI of the same kind as ``root`` (scheme kept)."""
-    return f"{root.split('://')[0]}://{path}" if "://" in root else path
+    """``path`` from ``resolve(root)[0]`` as a URI of the same kind as ``root`` (scheme and query kept)."""
+    if "://" not in root:
+        return path
+    _, sep, query = root.partition("?")
+    return f"{root.split('://')[0]}://{path}{sep}{query}"
 
 
 def sha256(fs: pafs.FileSystem, path: str, chunk: int = 2**22) -> str:

@@ -87,11 +87,26 @@ def test_a_killed_worker_costs_only_a_retry(ray_local, settings, tmp_path, monke
     victim = specs[1].sweep_id
     monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@2")
     s = collect(cfg, str(out), settings, num_workers=2)
-    assert (tmp_path / "chaos" / f"{victim}@2.killed").exists()  # the worker really died
+    assert (tmp_path / "chaos" / f"{victim}@2.fired").exists()  # the worker really died
     assert (s.done, s.failed) == (4, 0)
     assert_consistent(out, [x.sweep_id for x in specs])
     attempts = {r["sweep_id"]: r["attempts"] for r in catalog.read(str(out))}
     assert attempts[victim] == 2
+
+
+def test_a_failed_shard_write_loses_nothing(ray_local, settings, tmp_path, monkeypatch):
+    """The open shard is discarded, and every sweep it held is run again: none lost, none half-written."""
+    out = tmp_path / "meta"
+    cfg = tiny_config(workers__shard_max_seconds=3600)
+    specs = sample_specs(cfg)
+    victim = specs[2].sweep_id
+    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@write")
+    s = collect(cfg, str(out), settings, num_workers=1)
+    assert (tmp_path / "chaos" / f"{victim}@write.fired").exists()
+    assert (s.done, s.failed) == (4, 0)
+    assert_consistent(out, [x.sweep_id for x in specs])
+    attempts = {r["sweep_id"]: r["attempts"] for r in catalog.read(str(out))}
+    assert attempts[victim] == 2 and attempts[specs[0].sweep_id] == 2  # the lost, already finished sweep too
 
 
 def test_retries_are_bounded_then_the_sweep_is_recorded_failed(ray_local, settings, tmp_path, monkeypatch):

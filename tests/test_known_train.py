@@ -8,7 +8,7 @@ from collectors.collect import collect
 from collectors.config import sample_specs
 from conftest import tiny_config
 from known import registry, train
-from known.windows import chunks, is_validation, sweep_windows, window_targets
+from known.windows import is_validation, sweep_windows, window_targets
 from meta import readers
 
 pytestmark = pytest.mark.ray
@@ -36,8 +36,15 @@ def test_windows_take_s_stages_least_data_first_and_the_next_stage_as_target(met
     # window k=0: inputs stages 5,4,3,2,1 (least data first), target stage 0; k=1: stages 6..2 -> stage 1
     assert (x[0] == first[[5, 4, 3, 2, 1], 0]).all() and y[0] == first[0, 0]
     assert (x[n] == first[[6, 5, 4, 3, 2], 0]).all() and y[n] == first[1, 0]
-    rows = list(chunks(sample, 100, seed=0))
-    assert sum(len(r["y"]) for r in rows) == sum(len(v[1]) for v in wins.values())
+    rows = train.to_rows({"sweep_id": [sample.key], "json": [json.dumps(sample.record).encode()],
+                          "safetensors": [_safetensors(sample)]})
+    assert len(rows["y"]) == sum(len(v[1]) for v in wins.values()) and rows["x"].shape[1] == 5
+
+
+def _safetensors(sample) -> bytes:
+    import safetensors.numpy
+
+    return safetensors.numpy.save(sample.tensors)
 
 
 def test_split_is_by_sweep_and_deterministic():

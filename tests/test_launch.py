@@ -90,8 +90,8 @@ def test_ray_job_submit_smoke(tmp_path, fake_root):
     # (`ray stop` would stop every Ray cluster on the machine, a user's own included)
     head = subprocess.Popen([*start, "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(120):
-            probe = subprocess.run([str(ray_bin), "status", "--address", f"127.0.0.1:{port}"], env=env,
+        for _ in range(120):  # ready when the job server answers (the dashboard starts after the GCS)
+            probe = subprocess.run([str(ray_bin), "job", "list", "--address", f"http://127.0.0.1:{dash}"], env=env,
                                    capture_output=True, timeout=60)
             if probe.returncode == 0:
                 break

@@ -135,3 +135,26 @@ def test_readers_read_only_what_the_catalog_lists(tmp_path):
     catalog.write(str(tmp_path), rows + [{**rows[0], "sweep_id": "c"}])
     with pytest.raises(ShardError, match=r"lacks sweeps .*'c'"):
         list(readers.iter_sweeps(str(tmp_path)))
+
+
+def test_compressed_and_duplicate_member_shards_are_shard_errors(tmp_path):
+    import gzip
+
+    good = _sample("k")
+    whole = _tar({"k.json": good["json"], "k.safetensors": good["safetensors"]})
+    (tmp_path / "z.tar").write_bytes(gzip.compress(whole))
+    with pytest.raises(ShardError, match="compressed"):
+        list(iter_shard(str(tmp_path / "z.tar")))
+    with tarfile.open(tmp_path / "dup.tar", "w") as t:  # the same member twice in one sample
+        for name, blob in (("k.json", good["json"]), ("k.json", good["json"]), ("k.safetensors", good["safetensors"])):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+    with pytest.raises(ShardError, match=r"dup\.tar: .*duplicate"):
+        list(iter_shard(str(tmp_path / "dup.tar")))
+
+
+def test_storage_join_keeps_a_uri_query_at_the_end():
+    assert storage.join("s3://b/p?endpoint_override=h:9000", "shards") == "s3://b/p/shards?endpoint_override=h:9000"
+    assert storage.uri_like("s3://b/p?scheme=http", "b/p/shards/x.tar") == "s3://b/p/shards/x.tar?scheme=http"
+    assert storage.join("/a/b", "c", "d") == "/a/b/c/d"
