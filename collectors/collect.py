@@ -135,6 +135,16 @@ def _shard_bytes(out: str) -> int:
     return sum(i.size for i in storage.list_files(fs, storage.join(path, catalog.SHARDS_DIR), ".tar"))
 
 
+CAPACITY_CHECK_S = 10.0  # how long the driver waits for any result before re-checking the cluster's size
+
+
+def _room(w: WorkerSettings) -> int:
+    """Workers the cluster's live CPUs hold now (a dead node's CPUs drop out once Ray notices it)."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 0) // w.cpus_per_worker)
+
+
 def collect(
     specs: list[SweepSpec],
     out: str,
@@ -179,6 +189,8 @@ def collect(
         )
 
     generation = [0] * num_workers
+    replacements: list[int] = []  # workers re-created after a death, newest last
+    retiring: set[int] = set()
     workers = [new_worker(i, 0) for i in range(num_workers)]
     by_id = {s.sweep_id: s for s in specs}
     attempts: Counter = Counter()
@@ -207,7 +219,7 @@ def collect(
         while todo or inflight or any(pending.values()):
             busy = {i for i, _ in inflight.values()}
             for i in range(num_workers):
-                if i in busy:
+                if i in busy or workers[i] is None:
                     continue
                 if todo:
                     sid = todo.popleft().sweep_id
@@ -216,11 +228,28 @@ def collect(
                     inflight[workers[i].flush.remote()] = (i, None)
             if not inflight:
                 break
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=CAPACITY_CHECK_S)
+            if not ready:  # nothing finished for a while: did the cluster shrink under a replacement worker?
+                over = sum(a is not None for a in workers) - _room(w)
+                waiting = [j for j in replacements if workers[j] is not None and j not in retiring]
+                if over > 0 and waiting and len(waiting) < sum(a is not None for a in workers):
+                    j = waiting[-1]
+                    retiring.add(j)
+                    ray.kill(workers[j])  # its queued sweep comes back through the death path below
+                continue
             i, sid = inflight.pop(ready[0])
             try:
                 res = ray.get(ready[0])
             except (*_WORKER_DEATH, ray.exceptions.RayTaskError) as e:
+                if i in retiring:  # retired on purpose (it could not be placed): no attempt charged
+                    retiring.discard(i)
+                    workers[i] = None
+                    unpublished = list(pending[i])  # finished there, never published: counted, to run again
+                    pending[i] = {}
+                    bar.update(-len(unpublished))
+                    todo.extendleft(by_id[s] for s in reversed(([sid] if sid else []) + unpublished))
+                    print(f"worker {i} retired: the cluster no longer has room for it", flush=True)
+                    continue
                 writer_failed = isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, WriterError)
                 if isinstance(e, ray.exceptions.RayTaskError) and not writer_failed:  # a bug in sweep code
                     fail(sid, "".join(traceback.format_exception_only(e.cause or e)).strip(), attempts[sid] + 1)
@@ -229,8 +258,14 @@ def collect(
                 lost = list(pending[i])  # finished on that worker but never published: run them again
                 pending[i] = {}
                 ray.kill(workers[i])  # an unavailable actor may come back: it must not publish behind our back
-                generation[i] += 1
-                workers[i] = new_worker(i, generation[i])
+                alive, room = sum(a is not None for a in workers), _room(w)
+                if alive > 1 and alive > room:  # the cluster lost CPUs (a node): go on with fewer workers
+                    workers[i] = None  # instead of waiting for a replacement that cannot be placed
+                    print(f"worker {i} retired: the cluster now holds {room} workers", flush=True)
+                else:  # (if the loss is not visible yet, the capacity check above retires it later)
+                    generation[i] += 1
+                    workers[i] = new_worker(i, generation[i])
+                    replacements.append(i)
                 print(f"worker {i}: {reason}; {len(lost)} unpublished sweeps re-queued", flush=True)
                 bar.update(-len(lost))
                 # a dead worker charges only the sweep it was running; a failing write charges every sweep
@@ -256,6 +291,7 @@ def collect(
     finally:
         bar.close()
         for a in workers:
-            ray.kill(a)
+            if a is not None:
+                ray.kill(a)
     summary.total_bytes, summary.wall_s = _shard_bytes(out), time.perf_counter() - t0
     return summary

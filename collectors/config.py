@@ -11,13 +11,16 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from collectors import zoo
 from collectors.data import DATASETS
+
+M = TypeVar("M", bound=BaseModel)
+
 
 class ConfigError(ValueError):
     """A config that cannot run; raised before any Ray work starts."""
@@ -159,13 +162,18 @@ def _format(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = "" if e["type"] == "missing" or not e["loc"] else f" (got {e['input']!r})"
+        got = "" if e["type"] == "missing" or not e["loc"] else f" (got {_short(e['input'])})"
         lines.append(f"  {where}: {e['msg']}{got}")
     return "\n".join(lines)
 
 
-def load_config(path: str | Path) -> CollectConfig:
-    """Read and validate a YAML config; ConfigError names every bad field and value."""
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def load_yaml_model(model: type[M], path: str | Path) -> M:
+    """Read a YAML file and validate it as ``model``; ConfigError names every bad field and value."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -173,16 +181,24 @@ def load_config(path: str | Path) -> CollectConfig:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {e}") from e
-    return parse_config(raw, str(path))
+    return parse_model(model, raw, str(path))
 
 
-def parse_config(raw: object, source: str = "<dict>") -> CollectConfig:
+def parse_model(model: type[M], raw: object, source: str = "<dict>") -> M:
     if not isinstance(raw, dict):
         raise ConfigError(f"config {source} must be a mapping, got {type(raw).__name__}")
     try:
-        return CollectConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
+
+
+def load_config(path: str | Path) -> CollectConfig:
+    return load_yaml_model(CollectConfig, path)
+
+
+def parse_config(raw: object, source: str = "<dict>") -> CollectConfig:
+    return parse_model(CollectConfig, raw, source)
 
 
 def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:

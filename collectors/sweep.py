@@ -52,22 +52,34 @@ class SweepResult:
         return [asdict(m) for m in self.stages]
 
 
-def _optimizer(spec: SweepSpec, model: nn.Module) -> torch.optim.Optimizer:
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=spec.lr)
-    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
+@dataclass(frozen=True)
+class StagePlan:
+    """How one stage trains: epochs on its subset, a fresh optimiser at ``lr``, optionally cosine-decayed."""
+
+    epochs: int
+    lr: float
+    cosine: bool = False
 
 
-def _train(model, opt, x, y, idx, spec, epochs, gen) -> tuple[int, float, float]:
-    """``epochs`` passes over the examples ``idx``; returns (steps, loss, acc) of the last pass."""
-    model.train()
+def _optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def train_epochs(model, opt, split, idx, dataset, batch_size, epochs, gen, sched=None, bn_frozen=False) -> tuple[int, float, float]:
+    """``epochs`` passes over the examples ``idx`` of ``split``; returns (steps, loss, acc) of the last pass.
+
+    ``sched`` steps after every batch; ``bn_frozen`` keeps the model in eval mode (BatchNorm statistics
+    fixed, as when only a new head is trained on frozen features)."""
+    model.train(not bn_frozen)
     steps = 0
     for _ in range(epochs):
         order = idx[torch.randperm(len(idx), generator=gen)]
         loss_sum, correct = 0.0, 0
-        for start in range(0, len(order), spec.batch_size):
-            b = order[start : start + spec.batch_size]
-            xb, yb = data.normalize(spec.dataset, x[b]), y[b]
+        for start in range(0, len(order), batch_size):
+            b = order[start : start + batch_size]
+            xb, yb = data.normalize(dataset, split.x[b]), split.y[b]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             if not torch.isfinite(loss):
@@ -75,10 +87,47 @@ def _train(model, opt, x, y, idx, spec, epochs, gen) -> tuple[int, float, float]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched:
+                sched.step()
             steps += 1
             loss_sum += loss.item() * len(b)
             correct += (logits.argmax(1) == yb).sum().item()
     return steps, loss_sum / len(idx), correct / len(idx)
+
+
+def train_stages(
+    model: nn.Module,
+    train: data.Split,
+    test: data.Split,
+    subsets: list[torch.Tensor],
+    plans: list[StagePlan],
+    *,
+    dataset: str,
+    optimizer: str,
+    batch_size: int,
+    gen: torch.Generator,
+    record: bool = True,
+    on_stage: Callable[[StageMetrics], None] | None = None,
+) -> tuple[list[StageMetrics], list[dict[str, torch.Tensor]]]:
+    """Train ``model`` on each subset in turn (stage k on ``subsets[k]`` with ``plans[k]``), evaluating and
+    snapshotting after each stage. The collector's sweep and the evaluation's pre-training both run this."""
+    stages: list[StageMetrics] = []
+    snaps: list[dict[str, torch.Tensor]] = []
+    for k, (idx, plan) in enumerate(zip(subsets, plans, strict=True)):
+        t0 = time.perf_counter()
+        opt = _optimizer(optimizer, model, plan.lr)  # a fresh optimiser per stage: each stage is its own fine-tune
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.epochs * math.ceil(len(idx) / batch_size)) if plan.cosine else None
+        steps, tr_loss, tr_acc = train_epochs(model, opt, train, idx, dataset, batch_size, plan.epochs, gen, sched)
+        te_loss, te_acc = evaluate(model, dataset, test)
+        if not math.isfinite(te_loss):
+            raise SweepDiverged(f"test loss became {te_loss} at stage {k}")
+        if record:
+            snaps.append(_snapshot(model))
+        m = StageMetrics(k, len(idx), steps, tr_loss, tr_acc, te_loss, te_acc, time.perf_counter() - t0)
+        stages.append(m)
+        if on_stage:
+            on_stage(m)
+    return stages, snaps
 
 
 @torch.no_grad()
@@ -103,15 +152,15 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return snap
 
 
-def nested_subsets(n_train: int, spec: SweepSpec) -> list[torch.Tensor]:
-    """Indices of D0 ⊃ D1 ⊃ … ⊃ D_{L-1}: D0 a random ``train_size`` subset, each next a random r-fraction."""
-    gen = torch.Generator().manual_seed(spec.seed)
-    subsets = [torch.randperm(n_train, generator=gen)[: spec.train_size or n_train]]
-    for size in stage_sizes(len(subsets[0]), spec.r, spec.n_stages)[1:]:
+def nested_subsets(n_train: int, size: int | None, r: float, n_stages: int, seed: int) -> list[torch.Tensor]:
+    """Indices of D0 ⊃ D1 ⊃ … ⊃ D_{L-1}: D0 a random ``size`` subset (None: all), each next a random r-fraction."""
+    gen = torch.Generator().manual_seed(seed)
+    subsets = [torch.randperm(n_train, generator=gen)[: size or n_train]]
+    for n in stage_sizes(len(subsets[0]), r, n_stages)[1:]:
         prev = subsets[-1]
-        subsets.append(prev[torch.randperm(len(prev), generator=gen)[:size]])
+        subsets.append(prev[torch.randperm(len(prev), generator=gen)[:n]])
     if len(subsets[-1]) < 1:
-        raise ValueError(f"|D0|={len(subsets[0])} with r={spec.r} leaves an empty D{spec.n_stages - 1}")
+        raise ValueError(f"|D0|={len(subsets[0])} with r={r} leaves an empty D{n_stages - 1}")
     return subsets
 
 
@@ -141,26 +190,12 @@ def run_sweep(
     model = zoo.build(spec.family, spec.arch, info.channels, info.num_classes)
     kinds = zoo.tensor_kinds(model)
 
-    subsets = nested_subsets(len(train), spec)
+    subsets = nested_subsets(len(train), spec.train_size, spec.r, spec.n_stages, spec.seed)
     test = test_split(spec, test)
     gen = torch.Generator().manual_seed(spec.seed + 1)  # batch order
-
-    stages: list[StageMetrics] = []
-    snaps: list[dict[str, torch.Tensor]] = []
-    for k, idx in enumerate(subsets):
-        t0 = time.perf_counter()
-        epochs = spec.pretrain_epochs if k == 0 else spec.stage_epochs
-        opt = _optimizer(spec, model)  # a fresh optimiser per stage: each stage is its own fine-tune
-        steps, tr_loss, tr_acc = _train(model, opt, train.x, train.y, idx, spec, epochs, gen)
-        te_loss, te_acc = evaluate(model, spec.dataset, test)
-        if not math.isfinite(te_loss):
-            raise SweepDiverged(f"test loss became {te_loss} at stage {k}")
-        if record:
-            snaps.append(_snapshot(model))
-        m = StageMetrics(k, len(idx), steps, tr_loss, tr_acc, te_loss, te_acc, time.perf_counter() - t0)
-        stages.append(m)
-        if on_stage:
-            on_stage(m)
+    plans = [StagePlan(spec.pretrain_epochs, spec.lr)] + [StagePlan(spec.stage_epochs, spec.lr)] * (spec.n_stages - 1)
+    stages, snaps = train_stages(model, train, test, subsets, plans, dataset=spec.dataset, optimizer=spec.optimizer,
+                                 batch_size=spec.batch_size, gen=gen, record=record, on_stage=on_stage)
 
     tensors = {name: torch.stack([s[name] for s in snaps]) for name in kinds} if record else {}
     return SweepResult(spec, stages, tensors, kinds, zoo.n_params(model), time.perf_counter() - t_start)

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="how many stages back to predict (×1/r, ×1/r², …)")
     p.add_argument("--official", metavar="DIR", help="folder with KNOWN_Conv.h5, KNOWN_FC.h5, KNOWN_Bias.h5")
     p.add_argument("--known", metavar="URI", help="our KNOWN for --method known: models:/KNOWN@champion, "
-                   "models:/KNOWN/<version> (MLFLOW_TRACKING_URI) or a folder of safetensors")
+                   "models:/KNOWN/<version> (MLFLOW_TRACKING_URI) or a folder of safetensors (default: the shipped one)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/step1.safetensors … (one per step)")
     args = p.parse_args(argv)
     try:
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
             models = load_dir(args.official)
         elif args.method == "known":
-            if not args.known:
-                raise PredictError("--method known needs --known URI_OR_FOLDER (this version ships no KNOWN yet)")
             from known import registry
 
             models = registry.load(args.known)

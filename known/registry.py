@@ -25,8 +25,24 @@ SHIPPED = Path(__file__).parent / "weights"
 
 
 def tracking_uri(flag: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else a local sqlite store in the working folder."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else a local sqlite store in the working folder.
+
+    A relative sqlite path is made absolute: Ray workers run in other folders and would open another file."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def use_tracking(flag: str | None, experiment: str) -> str:
+    """Point MLflow at the tracking store (see ``tracking_uri``) and experiment; returns the URI."""
+    import mlflow
+
+    uri = tracking_uri(flag)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    return uri
 
 
 def save_dir(models: dict[str, KNOWN], directory: str | Path) -> Path:
@@ -34,7 +50,8 @@ def save_dir(models: dict[str, KNOWN], directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for kind in PREDICTED_KINDS:
         tmp = directory / f".{kind}.safetensors.tmp"
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in models[kind].state_dict().items()}, str(tmp))
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in models[kind].state_dict().items()}, str(tmp),
+                                    metadata={"inputs": "scaled" if models[kind].scaled else "raw"})
         tmp.replace(directory / f"{kind}.safetensors")
     return directory
 
@@ -46,7 +63,11 @@ def load_dir(directory: str | Path) -> dict[str, KNOWN]:
         path = directory / f"{kind}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"KNOWN weights missing: {path}")
-        m = KNOWN()
+        with safetensors.safe_open(str(path), "pt") as f:
+            inputs = (f.metadata() or {}).get("inputs", "raw")
+        if inputs not in ("scaled", "raw"):
+            raise ValueError(f"{path}: unknown input mode {inputs!r} in its metadata (expected 'scaled' or 'raw')")
+        m = KNOWN(scaled=inputs == "scaled")
         m.load_state_dict(safetensors.torch.load_file(str(path)))
         models[kind] = m.eval()
     return models
@@ -55,8 +76,8 @@ def load_dir(directory: str | Path) -> dict[str, KNOWN]:
 def load(uri: str | None = None, tracking: str | None = None) -> dict[str, KNOWN]:
     """KNOWN from ``models:/KNOWN@champion`` / ``models:/KNOWN/<version>``, a local folder, or the shipped one."""
     if uri is None:
-        if not (SHIPPED / "conv.safetensors").is_file():
-            raise FileNotFoundError("this version ships no KNOWN weights yet: pass a registry URI or a folder")
+        if not (SHIPPED / "PROVENANCE.json").is_file():
+            raise FileNotFoundError(f"no shipped KNOWN in {SHIPPED} (PROVENANCE.json missing): pass a registry URI or a folder")
         return load_dir(SHIPPED)
     if not uri.startswith("models:/"):
         return load_dir(uri)
@@ -91,7 +112,67 @@ def publish(models: dict[str, KNOWN], metric: str, value: float, tracking: str |
     return str(version), better
 
 
+def ship(models: dict[str, KNOWN], provenance: dict, directory: Path = SHIPPED) -> Path:
+    """Write ``models`` as the package's KNOWN with ``PROVENANCE.json`` (written last: weights without a
+    provenance file are an unfinished ship)."""
+    import json
+
+    (directory / "PROVENANCE.json").unlink(missing_ok=True)
+    save_dir(models, directory)
+    tmp = directory / ".PROVENANCE.json.tmp"
+    tmp.write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
+    tmp.replace(directory / "PROVENANCE.json")
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m known.registry ship``: copy a registered or saved KNOWN into the package, with provenance."""
+    import argparse
+    import hashlib
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m known.registry", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("ship", help="make a KNOWN the one that ships in known/weights/")
+    sp.add_argument("--model", required=True, help="models:/KNOWN@champion, models:/KNOWN/<version> or a folder")
+    sp.add_argument("--shards", required=True, help="the meta-dataset it was trained on (its catalog is hashed)")
+    sp.add_argument("--tracking-uri", default=None)
+    sp.add_argument("--validation", nargs="*", default=[], metavar="FILE", help="JSON/markdown files of validation numbers to embed")
+    sp.add_argument("--command", action="append", default=[], help="a command line that produced it (repeatable)")
+    args = p.parse_args(argv)
+    from meta import catalog, storage
+
+    models = load(args.model, args.tracking_uri)
+    fs, path = storage.resolve(args.shards)
+    with fs.open_input_file(storage.join(path, catalog.FILENAME)) as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    rows = catalog.read(args.shards)
+    done = [r for r in rows if r["status"] == "done"]
+    counts: dict[str, int] = {}
+    for r in done:
+        counts[f"{r['family']}/{r['dataset']}"] = counts.get(f"{r['family']}/{r['dataset']}", 0) + 1
+    provenance = {
+        "model": args.model,
+        "catalog_sha256": digest,
+        "sweeps_done": len(done),
+        "sweeps_failed": len(rows) - len(done),
+        "sweeps_by_family_dataset": dict(sorted(counts.items())),
+        "collection_cpu_hours": round(sum(r["wall_s"] for r in done) / 3600, 2),
+        "commands": args.command,
+        "validation": {Path(v).name: (json.loads(Path(v).read_text()) if v.endswith(".json") else Path(v).read_text())
+                       for v in args.validation},
+        "inputs": {k: ("scaled" if m.scaled else "raw") for k, m in models.items()},
+    }
+    out = ship(models, provenance)
+    print(f"shipped KNOWN to {out} (trained on {len(done)} sweeps, catalog sha256 {digest[:12]}…)")
+    return 0
+
+
 def fresh(seed: int = 0) -> dict[str, KNOWN]:
     """Three newly initialised KNOWNs, reproducibly."""
     torch.manual_seed(seed)
     return {kind: KNOWN() for kind in PREDICTED_KINDS}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

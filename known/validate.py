@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="meta-dataset folder or URI")
     p.add_argument("--methods", nargs="+", default=["taskvector", "linearfit"], choices=METHODS)
-    p.add_argument("--known", default=None, help="our KNOWN: models:/KNOWN@champion, models:/KNOWN/<v> or a folder")
+    p.add_argument("--known", default=None, help="our KNOWN: models:/KNOWN@champion, models:/KNOWN/<v> or a folder (default: the shipped one)")
     p.add_argument("--official", default=None, help="folder with the authors' KNOWN_*.h5 (for known-official)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="only the validation split of known.train with this fraction (default: every sweep)")
@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             if m == "known":
                 from known import registry
 
-                if not args.known:
-                    raise ValueError("--methods known needs --known URI_OR_FOLDER")
                 methods[m] = registry.load(args.known)
             elif m == "known-official":
                 from known.official import load_dir

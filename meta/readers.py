@@ -24,11 +24,6 @@ def _selected(root: str, where: Where | None) -> dict[str, dict[str, dict]]:
     return dict(sorted(by_shard.items()))
 
 
-def shard_paths(root: str, where: Where | None = None) -> list[str]:
-    _, path = storage.resolve(root)
-    return [storage.uri_like(root, storage.join(path, catalog.SHARDS_DIR, s)) for s in _selected(root, where)]
-
-
 def iter_sweeps(root: str, where: Where | None = None, *, verify: bool = True) -> Iterator[Sample]:
     """Every selected sweep as a ``Sample`` (record + numpy tensors [L, *shape]), shard by shard.
 
@@ -66,8 +61,10 @@ def ray_dataset(root: str, where: Where | None = None, **read_args):
     if not selected:
         raise ValueError(f"no done sweeps under {root} match the selection")
     keep = {sid for rows in selected.values() for sid in rows}
-    fs, _ = storage.resolve(root)
-    ds = ray.data.read_webdataset(shard_paths(root, where), filesystem=fs, decoder=_ray_decoder, **read_args)
+    fs, path = storage.resolve(root)
+    # paths inside ``fs`` (no scheme, no URI query: with an explicit filesystem Ray would keep the query in the name)
+    paths = [storage.join(path, catalog.SHARDS_DIR, s) for s in selected]
+    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=_ray_decoder, **read_args)
     return ds.filter(lambda row: row["sweep_id"] in keep)
 
 

@@ -159,4 +159,10 @@ def test_killing_the_driver_then_rerunning_resumes_without_duplicates(settings, 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{partial} already finished" in rerun.stdout
-    assert_consistent(out, [s.sweep_id for s in sample_specs(cfg)])
+    digests = assert_consistent(out, [s.sweep_id for s in sample_specs(cfg)])
+    # the same as a run that was never interrupted: same sweep ids, same tensors
+    clean = tmp_path / "clean"
+    cmd[cmd.index(str(out))] = str(clean)
+    uninterrupted = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    assert assert_consistent(clean, [s.sweep_id for s in sample_specs(cfg)]) == digests

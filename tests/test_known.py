@@ -13,11 +13,28 @@ def test_known_has_the_papers_9425_parameters():
 
 def test_known_output_is_a_bounded_residual_on_the_most_data_value():
     torch.manual_seed(0)
-    m = KNOWN()
+    raw, scaled = KNOWN(scaled=False), KNOWN()
     w = torch.randn(100, 5) * 10
     with torch.no_grad():
-        step = m.step(w)
-    assert ((step - w[:, -1]).abs() <= 1).all()
+        assert ((raw.step(w) - w[:, -1]).abs() <= 1 + 1e-5).all()  # the official form: tanh residual
+        path = (w[:, 1:] - w[:, :-1]).abs().sum(1)
+        assert ((scaled.step(w) - w[:, -1]).abs() <= path * (1 + 1e-6)).all()
+
+
+def test_scaled_known_is_affine_equivariant_and_still_on_weights_that_never_moved():
+    """Scaled inputs: step(a·w + b) = a·step(w) + b, so a layer's scale does not change the prediction."""
+    torch.manual_seed(0)
+    m = KNOWN()
+    for p in m.parameters():
+        p.data.uniform_(-0.5, 0.5)
+    w = torch.randn(64, 5, dtype=torch.float64)
+    m = m.double()
+    with torch.no_grad():
+        assert torch.allclose(m.step(3e-3 * w + 0.7), 3e-3 * m.step(w) + 0.7, atol=1e-9)
+        frozen = torch.full((4, 5), 0.25, dtype=torch.float64)
+        assert torch.allclose(m.step(frozen), frozen[:, -1], rtol=0, atol=1e-11)  # moves by < TINY
+        # a target far beyond tanh's reach is clipped in the loss, which stays finite and <= 2
+        assert m.loss(frozen, frozen[:, -1] + 1.0).item() <= 2.0
 
 
 @pytest.mark.parametrize("method", baselines.METHODS)
@@ -185,3 +202,48 @@ def test_predict_cli_writes_loadable_safetensors(tmp_path, capsys):
     assert "--official" in capsys.readouterr().err
     assert main(["--stages", *map(str, files[:4]), str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "y")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_saved_known_keeps_its_input_mode(tmp_path):
+    from known import registry
+
+    torch.manual_seed(1)
+    models = {"conv": KNOWN(), "linear": KNOWN(scaled=False), "bias": KNOWN()}
+    got = registry.load_dir(registry.save_dir(models, tmp_path))
+    w = torch.randn(20, 5)
+    for k, m in models.items():
+        assert got[k].scaled == m.scaled
+        with torch.no_grad():
+            assert torch.equal(got[k].step(w), m.step(w))
+
+
+def test_ship_writes_weights_then_provenance_and_load_finds_them(tmp_path, monkeypatch):
+    import json
+
+    from known import registry
+
+    monkeypatch.setattr(registry, "SHIPPED", tmp_path)
+    with pytest.raises(FileNotFoundError, match="PROVENANCE.json"):
+        registry.load()
+    models = registry.fresh(4)
+    registry.save_dir(models, tmp_path)  # weights alone, no provenance: an unfinished ship, not loadable
+    with pytest.raises(FileNotFoundError, match="PROVENANCE.json"):
+        registry.load()
+    registry.ship(models, {"sweeps_done": 7}, tmp_path)
+    assert json.loads((tmp_path / "PROVENANCE.json").read_text()) == {"sweeps_done": 7}
+    got = registry.load()
+    w = torch.randn(10, 5)
+    with torch.no_grad():
+        assert torch.equal(got["conv"].step(w), models["conv"].step(w))
+
+
+def test_relative_sqlite_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
+    """Ray Train workers run in other folders: a relative sqlite store would be another, empty file there."""
+    from known import registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert registry.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert registry.tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path}/sub/m.db"
+    assert registry.tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert registry.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -120,3 +120,48 @@ def test_reestimated_bn_statistics_are_the_exact_batch_statistics():
         feats = model[0](data.normalize("mnist", images))
     assert torch.allclose(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5)
     assert not model.training
+
+
+def _train_cmd(meta_root, tmp_path, name, epochs=2):
+    import sys
+
+    return [sys.executable, "-m", "known.train", "--shards", str(meta_root), "--epochs", str(epochs), "--batch-size", "1024",
+            "--checkpoint-every", "4", "--val-fraction", "0.34", "--storage", str(tmp_path / "train"), "--name", name,
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-register"]
+
+
+def _final(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"): stdout.index("}") + 1])
+
+
+def test_killed_training_resumes_from_its_checkpoint_and_ends_within_noise(meta_root, tmp_path):
+    """Failure suite case 5: SIGKILL the whole training job (driver, Ray, workers) once a checkpoint exists;
+    the same command resumes from it, and its final validation is within noise of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local Ray per run, never someone else's cluster
+    killed = subprocess.Popen(_train_cmd(meta_root, tmp_path, "killed"), cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and killed.poll() is None:
+            if list((tmp_path / "train" / "killed").glob("checkpoint_*/conv.safetensors")):
+                break
+            time.sleep(0.2)
+        assert killed.poll() is None, "training finished before it could be killed"
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    resumed = subprocess.run(_train_cmd(meta_root, tmp_path, "killed"), cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = subprocess.run(_train_cmd(meta_root, tmp_path, "full"), cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    a, b = _final(resumed.stdout), _final(full.stdout)
+    assert a["resumed_from_step"] > 0  # it did not start over
+    assert a["step"] >= b["step"]  # a mid-epoch checkpoint replays the start of its epoch (module docstring)
+    assert abs(a["val_rel_l1_known"] - b["val_rel_l1_known"]) <= 0.1 * b["val_rel_l1_known"]

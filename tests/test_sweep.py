@@ -24,12 +24,12 @@ def test_same_spec_and_seed_give_a_bit_identical_trajectory(settings):
 
 def test_subsets_are_nested_with_sizes_shrinking_by_r():
     spec = _spec(r=0.5, n_stages=5, train_size=200)
-    subsets = nested_subsets(1000, spec)
+    subsets = nested_subsets(1000, spec.train_size, spec.r, spec.n_stages, spec.seed)
     assert [len(s) for s in subsets] == [200, 100, 50, 25, 12]
     for big, small in zip(subsets, subsets[1:]):
         assert set(small.tolist()) <= set(big.tolist())
     assert all(len(set(s.tolist())) == len(s) for s in subsets)  # no repeats
-    assert torch.equal(torch.cat(subsets), torch.cat(nested_subsets(1000, spec)))
+    assert torch.equal(torch.cat(subsets), torch.cat(nested_subsets(1000, spec.train_size, spec.r, spec.n_stages, spec.seed)))
 
 
 @pytest.mark.parametrize("family", ["cnn", "resnet", "densenet", "shufflenet", "mobilenet"])
@@ -38,7 +38,7 @@ def test_sweep_records_every_parameter_and_buffer_at_every_stage(settings, famil
     res = run_sweep(spec, settings)
     L = spec.n_stages
     assert len(res.stages) == L and [m.stage for m in res.stages] == list(range(L))
-    assert [m.subset_size for m in res.stages] == [len(s) for s in nested_subsets(320, spec)]
+    assert [m.subset_size for m in res.stages] == [len(s) for s in nested_subsets(320, spec.train_size, spec.r, spec.n_stages, spec.seed)]
     model_keys = set(res.kinds)
     assert set(res.tensors) == model_keys and any(k.endswith("running_mean") for k in model_keys)
     for k, t in res.tensors.items():

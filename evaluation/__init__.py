@@ -1,0 +1,1 @@
+"""Downstream evaluation: does initialising from KNOW weights beat naive transfer?"""

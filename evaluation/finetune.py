@@ -1,0 +1,100 @@
+"""Task data and the downstream fine-tune: a head-only phase (how good are the features), then full
+fine-tuning with cosine decay (the official code's protocol). One function, read top to bottom."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from collectors import data, zoo
+from collectors.sweep import evaluate, train_epochs
+from evaluation.config import Downstream, Task
+from known.predict import reestimate_bn
+
+
+def task_split(task: Task, settings: data.DataSettings, train: bool, seed: int) -> data.Split:
+    """The images of ``task.classes``, labels renumbered 0..n-1 in the order given, then a seeded random
+    ``train_size`` / ``test_size`` of them."""
+    full = data.load(task.dataset, settings, train)
+    keep = torch.isin(full.y, torch.tensor(task.classes))
+    x, y = full.x[keep], full.y[keep]
+    remap = torch.full((int(full.y.max()) + 1,), -1, dtype=torch.int64)
+    remap[torch.tensor(task.classes)] = torch.arange(len(task.classes))
+    y = remap[y]
+    size = task.train_size if train else task.test_size
+    if size is not None:
+        if size > len(y):
+            raise data.DataError(f"{task.dataset} classes {task.classes} have {len(y)} "
+                                 f"{'training' if train else 'test'} images, fewer than the {size} asked for")
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:size]
+        x, y = x[idx], y[idx]
+    return data.Split(x, y)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The classifier: the last Linear layer of every family in the zoo."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier to replace")
+    return linears[-1]
+
+
+def load_backbone(model: nn.Module, init: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ``init`` except the classifier (which stays freshly initialised for the new classes)."""
+    head = head_of(model)
+    head_names = {n for n, m in model.named_modules() if m is head}
+    own = model.state_dict()
+    keep = {k: v for k, v in init.items() if k.rsplit(".", 1)[0] not in head_names}
+    for k, v in keep.items():
+        if k not in own or own[k].shape != v.shape:
+            raise ValueError(f"initialisation tensor {k} {tuple(v.shape)} does not fit the downstream model")
+    missing = [k for k in own if k not in keep and k.rsplit(".", 1)[0] not in head_names]
+    if missing:
+        raise ValueError(f"initialisation lacks {missing[:3]}")
+    model.load_state_dict({**own, **keep})
+
+
+def finetune(init: dict[str, torch.Tensor] | None, family: str, arch: dict, task: Downstream,
+             settings: data.DataSettings, seed: int, threads: int = 1) -> dict:
+    """Fine-tune from ``init`` (None: from scratch) on the downstream task with ``seed`` choosing the
+    training images, the new head and the batch order. Returns the test accuracy after each phase and
+    per-epoch training loss / accuracy (testing every epoch would cost more than the training here)."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    info = data.DATASETS[task.dataset]
+    train = task_split(task, settings, True, seed)
+    test = task_split(task, settings, False, 0)  # one test set for every seed and method
+    torch.manual_seed(seed)
+    model = zoo.build(family, arch, info.channels, len(task.classes))
+    if init is not None:
+        load_backbone(model, init)
+        if task.bn == "reestimate":
+            reestimate_bn(model, task.dataset, train.x)
+    head, gen, idx = head_of(model), torch.Generator().manual_seed(seed), torch.arange(len(train))
+    curve: dict[str, list[float]] = {k: [] for k in ("head_train_loss", "head_train_acc", "full_train_loss", "full_train_acc")}
+
+    def epoch(phase: str, opt, sched=None) -> None:  # per-epoch training metrics; test accuracy at phase ends
+        _, loss, acc = train_epochs(model, opt, train, idx, task.dataset, task.batch_size, 1, gen, sched, bn_frozen=phase == "head")
+        curve[f"{phase}_train_loss"].append(loss)
+        curve[f"{phase}_train_acc"].append(acc)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=task.head_lr)
+    for _ in range(task.head_epochs):
+        epoch("head", opt)
+    acc_head = evaluate(model, task.dataset, test)[1]
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=task.full_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(task.full_epochs * math.ceil(len(train) / task.batch_size), 1))
+    for _ in range(task.full_epochs):
+        epoch("full", opt, sched)
+    acc_full = evaluate(model, task.dataset, test)[1] if task.full_epochs else acc_head
+    return {"acc_head": acc_head, "acc_full": acc_full, **curve, "wall_s": time.perf_counter() - t0}

@@ -1,0 +1,43 @@
+"""Statistics for paired seeds: every method is fine-tuned with the same seeds, so compare seed by seed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Paired:
+    n: int
+    mean: float  # mean of (a - b) over seeds
+    std: float  # sample std of the differences
+    ci_low: float  # 95% t confidence interval of the mean difference
+    ci_high: float
+    p: float  # two-sided paired t-test
+    wins: int  # seeds where a > b
+
+
+def mean_std(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def paired(a, b, confidence: float = 0.95) -> Paired:
+    """Paired difference a − b with a t confidence interval and a paired t-test; ``a[i]`` and ``b[i]``
+    share seed i. With all differences equal there is no spread to test against: the interval has zero
+    width and p is nan (1 when every difference is 0)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired samples need equal 1-D shapes, got {a.shape} and {b.shape}")
+    if len(a) < 2:
+        raise ValueError(f"a paired test needs at least 2 seeds, got {len(a)}")
+    d = a - b
+    n, mean, std = len(d), float(d.mean()), float(d.std(ddof=1))
+    if std == 0:
+        return Paired(n, mean, 0.0, mean, mean, 1.0 if mean == 0 else float("nan"), int((d > 0).sum()))
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+    p = float(stats.ttest_rel(a, b).pvalue)
+    return Paired(n, mean, std, mean - half, mean + half, p, int((d > 0).sum()))

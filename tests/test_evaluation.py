@@ -1,0 +1,164 @@
+"""Downstream evaluation: statistics, controls, config errors, and a tiny experiment end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from collectors.config import ConfigError
+from evaluation import inits, stats
+from evaluation.config import parse_config
+from evaluation.finetune import task_split
+
+
+def test_paired_matches_hand_computed_values():
+    # d = [0.10, 0.10, 0.05]: mean 1/12, sample std 0.028868, t = 5 with 2 degrees of freedom
+    p = stats.paired([0.80, 0.90, 0.85], [0.70, 0.80, 0.80])
+    assert p.mean == pytest.approx(0.083333, abs=1e-6)
+    assert p.std == pytest.approx(0.0288675, abs=1e-6)
+    # two-sided p for t=5, df=2: 1 - 5/sqrt(27) (Student t with 2 dof has a closed-form CDF)
+    assert p.p == pytest.approx(1 - 5 / math.sqrt(27), abs=1e-6)
+    # 95% CI: mean ± t(0.975, 2) · s/√n, t(0.975, 2) = 4.302653
+    assert (p.ci_low, p.ci_high) == pytest.approx((0.083333 - 4.302653 * 0.0166667, 0.083333 + 4.302653 * 0.0166667), abs=1e-5)
+    assert p.wins == 3 and p.n == 3
+    assert stats.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+
+
+def test_paired_degenerate_and_bad_inputs():
+    same = stats.paired([0.5, 0.6], [0.5, 0.6])
+    assert same.mean == 0 and same.p == 1.0
+    assert math.isnan(stats.paired([0.6, 0.7], [0.5, 0.6]).p)  # constant non-zero difference: no spread to test
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        stats.paired([0.5], [0.4])
+    with pytest.raises(ValueError, match="equal 1-D shapes"):
+        stats.paired([0.5, 0.4], [0.4])
+
+
+def _kinds():
+    return {"c.weight": "conv", "f.weight": "linear", "f.bias": "bias", "bn.weight": "norm", "bn.running_mean": "buffer"}
+
+
+def _state(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"c.weight": torch.randn(4, 3, 3, 3, generator=g), "f.weight": torch.randn(5, 4, generator=g),
+            "f.bias": torch.randn(5, generator=g), "bn.weight": torch.ones(4), "bn.running_mean": torch.zeros(4)}
+
+
+def test_shrink_perturb_and_decomposition_recover_a_pure_shrink():
+    th0, th1 = _state(0), _state(1)
+    pred = {k: (0.8 * v if _kinds()[k] in ("conv", "linear", "bias") else v) for k, v in th0.items()}
+    d = inits.decompose(th0, th1, pred, _kinds())
+    assert d["lambda"] == pytest.approx(0.8) and d["r2_shrink"] == pytest.approx(1.0)
+    sp = inits.shrink_perturb(th0, pred, _kinds(), seed=0)
+    for k in pred:
+        assert torch.allclose(sp[k], pred[k], atol=1e-6), k  # σ = 0: nothing left to perturb
+    # an update along Θ0 − Θ1 is direction, not shrink
+    step = {k: (v + 0.3 * (v - th1[k]) if _kinds()[k] in ("conv", "linear", "bias") else v) for k, v in th0.items()}
+    d = inits.decompose(th0, th1, step, _kinds())
+    assert d["r2_shrink_dir"] == pytest.approx(1.0) and d["r2_shrink"] < 0.9
+    noisy = inits.shrink_perturb(th0, step, _kinds(), seed=0)
+    assert torch.equal(noisy["bn.weight"], th0["bn.weight"])
+    assert torch.equal(noisy["f.weight"], inits.shrink_perturb(th0, step, _kinds(), seed=0)["f.weight"])  # seeded
+    avg = inits.average([th0, th1], _kinds())
+    assert torch.allclose(avg["c.weight"], (th0["c.weight"] + th1["c.weight"]) / 2)
+
+
+BASE = {
+    "name": "tiny",
+    "source": {"dataset": "mnist", "classes": [0, 1, 2, 3, 4], "train_size": 100, "test_size": 50, "family": "cnn",
+               "arch": {"depth": 2, "width": 4, "hidden": 8}, "pretrain_epochs": 1, "stage_epochs": 1, "r": 0.7,
+               "bn_images": 50},
+    "downstream": {"dataset": "mnist", "classes": [5, 6, 7, 8, 9], "train_size": 40, "test_size": 50,
+                   "head_epochs": 1, "full_epochs": 1, "seeds": 2},
+    "methods": ["taskvector", "linearfit"],
+    "steps": 1,
+    "shrink_perturb_for": ["taskvector"],
+}
+
+
+def _with(**over):
+    raw = json.loads(json.dumps(BASE))
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw[section][field] = value
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"methods": ["taskvector", "magic"]}, "magic"),
+    ({"downstream__classes": [4, 5, 6]}, "overlap"),
+    ({"downstream__train_size": 3}, "train_size=3"),
+    ({"methods": ["known-official"], "shrink_perturb_for": []}, "known_official"),
+    ({"controls": ["dropout"]}, "dropout"),
+    ({"source__classes": [0, 0, 1]}, "distinct"),
+    ({"source__arch": {"depth": 2}}, "does not build"),
+    ({"downstream__seeds": 1}, "seeds"),
+])
+def test_bad_configs_name_the_bad_value(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_config(_with(**over))
+
+
+def test_too_few_images_is_a_clear_error(settings):
+    from collectors.data import DataError
+
+    cfg = parse_config(_with(downstream__train_size=5000))
+    with pytest.raises(DataError, match="fewer than the 5000"):
+        task_split(cfg.downstream, settings, True, 0)
+    split = task_split(parse_config(BASE).downstream, settings, True, 0)
+    assert sorted(split.y.unique().tolist()) == [0, 1, 2, 3, 4] and len(split) == 40  # labels renumbered
+
+
+@pytest.mark.ray
+def test_tiny_experiment_end_to_end(tmp_path, fake_root, ray_local):
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from evaluation import transfer
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(BASE))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert transfer.main(["--config", str(cfg), "--data-root", str(fake_root), "--tracking-uri", uri]) == 0
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(transfer.EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(transfer.ROLE_TAG) == "experiment"]
+    children = [r for r in runs if r.data.tags.get(transfer.ROLE_TAG) == "finetune"]
+    assert len(parents) == 1
+    parent = parents[0]
+    # scratch, naive, average, taskvector-1, sp-taskvector-1, linearfit-1, each with 2 seeds
+    assert len(children) == 12
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert {c.data.params["init"] for c in children} == {"scratch", "naive", "average", "taskvector-1", "sp-taskvector-1", "linearfit-1"}
+    assert all(len(client.get_metric_history(c.info.run_id, "full_train_loss")) == 1 for c in children[:2])  # 1 epoch
+
+    d = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(tmp_path / "art"), tracking_uri=uri)
+    names = {p.name for p in Path(d).iterdir()}
+    assert {"summary.csv", "summary.md", "summary.json", "accuracy.png", "forgetting_curve.png", "pca_plane.png", "config.yaml"} <= names
+    summary = json.loads((Path(d) / "summary.json").read_text())
+    for row in summary["rows"]:  # the table agrees with the child runs it summarises
+        accs = [c.data.metrics["acc_full"] for c in children if c.data.params["init"] == row["init"]]
+        assert row["full_mean"] == pytest.approx(sum(accs) / len(accs))
+        assert row["n"] == 2
+    assert parent.data.metrics["naive.full_mean"] == pytest.approx(next(r for r in summary["rows"] if r["init"] == "naive")["full_mean"])
+    assert len(summary["curves"]["0"]["bn_reestimated"]) == 5
+    assert any("pre-training vs scratch" in v for v in summary["verdicts"])
+
+
+def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
+    import yaml
+
+    from evaluation import transfer
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(_with(methods=["taskvector", "magic"])))
+    assert transfer.main(["--config", str(cfg)]) == 2
+    assert "magic" in capsys.readouterr().err
