@@ -230,12 +230,16 @@ def collect(
                 break
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=CAPACITY_CHECK_S)
             if not ready:  # nothing finished for a while: did the cluster shrink under a replacement worker?
-                over = sum(a is not None for a in workers) - _room(w)
-                waiting = [j for j in replacements if workers[j] is not None and j not in retiring]
-                if over > 0 and waiting and len(waiting) < sum(a is not None for a in workers):
+                alive = [j for j, a in enumerate(workers) if a is not None and j not in retiring]
+                waiting = [j for j in replacements if j in alive]
+                if len(alive) > max(_room(w), 1) and waiting:
                     j = waiting[-1]
-                    retiring.add(j)
-                    ray.kill(workers[j])  # its queued sweep comes back through the death path below
+                    ray.kill(workers[j])
+                    if any(k == j for k, _ in inflight.values()):
+                        retiring.add(j)  # its queued sweep comes back through the death path below
+                    else:
+                        workers[j] = None
+                        print(f"worker {j} retired: the cluster no longer has room for it", flush=True)
                 continue
             i, sid = inflight.pop(ready[0])
             try:
@@ -258,7 +262,7 @@ def collect(
                 lost = list(pending[i])  # finished on that worker but never published: run them again
                 pending[i] = {}
                 ray.kill(workers[i])  # an unavailable actor may come back: it must not publish behind our back
-                alive, room = sum(a is not None for a in workers), _room(w)
+                alive, room = sum(a is not None and j not in retiring for j, a in enumerate(workers)), _room(w)
                 if alive > 1 and alive > room:  # the cluster lost CPUs (a node): go on with fewer workers
                     workers[i] = None  # instead of waiting for a replacement that cannot be placed
                     print(f"worker {i} retired: the cluster now holds {room} workers", flush=True)

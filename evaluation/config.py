@@ -120,6 +120,11 @@ class TransferConfig(_Strict):
             if bad:
                 raise ValueError(f"shrink_perturb_for {bad} must be among methods {self.methods}")
         src, down = self.source, self.downstream
+        if src is not None:
+            a, b = DATASETS[src.dataset], DATASETS[down.dataset]
+            if (a.channels, a.size) != (b.channels, b.size):
+                raise ValueError(f"source {src.dataset} ({a.channels}×{a.size}²) and downstream {down.dataset} "
+                                 f"({b.channels}×{b.size}²) images differ in shape: the backbone cannot transfer")
         if src is not None and src.dataset == down.dataset and set(src.classes) & set(down.classes):
             raise ValueError(f"source classes {src.classes} and downstream classes {down.classes} of {down.dataset} "
                              f"overlap: the downstream task must be new to the pre-trained model")

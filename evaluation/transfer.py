@@ -40,6 +40,10 @@ from known.model import S
 from known.predict import reestimate_bn, retrodict
 
 EXPERIMENT = "oblivion-transfer"
+
+
+class FinetuneError(RuntimeError):
+    """Fine-tunes that raised; the message lists them (the run is marked failed, nothing is summarised)."""
 ROLE_TAG = "oblivion.role"
 
 
@@ -87,6 +91,15 @@ def from_catalog(cfg: TransferConfig) -> Trajectory:
         raise ConfigError(f"sweep {ref.sweep_id!r} is not a done sweep of {ref.root}")
     sample = found[0]
     spec = sample.record["spec"]
+    down = cfg.downstream
+    if spec["dataset"] == down.dataset:
+        raise ConfigError(f"sweep {ref.sweep_id} was trained on every class of {down.dataset}: a downstream task on the "
+                          f"same dataset would not be new to it; choose another downstream dataset")
+    a, b = data.DATASETS[spec["dataset"]], data.DATASETS[down.dataset]
+    if (a.channels, a.size) != (b.channels, b.size):
+        raise ConfigError(f"sweep {ref.sweep_id} ({spec['dataset']}) and downstream {down.dataset} images differ in shape")
+    if sample.record["n_stages"] < S:
+        raise ConfigError(f"sweep {ref.sweep_id} recorded {sample.record['n_stages']} stages; KNOW needs {S}")
     kinds = {t["name"]: t["kind"] for t in sample.record["tensors"]}
     stages = [{n: torch.from_numpy(sample.tensors[n][k].copy()) for n in kinds} for k in range(S)]
     walls = [s["wall_s"] for s in sample.record["stages"]]
@@ -142,7 +155,7 @@ def run_finetunes(jobs: list[tuple], workers: int | None) -> list[dict]:
     remote = ray.remote(num_cpus=1, max_retries=2)(_finetune_job)
     refs, keys, put = [], {}, {}
     limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    results = []
+    results, failures = [], []
     pending = list(jobs)
     with tqdm(total=len(jobs), desc="fine-tunes", unit="run") as bar:
         while pending or refs:
@@ -154,18 +167,24 @@ def run_finetunes(jobs: list[tuple], workers: int | None) -> list[dict]:
                 keys[ref] = key
                 refs.append(ref)
             done, refs = ray.wait(refs, num_returns=1)
-            results.append({**keys.pop(done[0]), **ray.get(done[0])})
+            key = keys.pop(done[0])
+            try:
+                results.append({**key, **ray.get(done[0])})
+            except ray.exceptions.RayError as e:  # recorded, so one bad fine-tune does not hide the others
+                failures.append(f"{key}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
             bar.update(1)
+    if failures:
+        raise FinetuneError(f"{len(failures)} of {len(jobs)} fine-tunes failed:\n  " + "\n  ".join(failures[:10]))
     return results
-
-
-def _fmt(p: stats.Paired) -> str:
-    return f"{100 * p.mean:+.2f} [{100 * p.ci_low:+.2f}, {100 * p.ci_high:+.2f}] p={p.p:.3g}"
 
 
 def summarize(results: list[dict], inits: dict, source_acc: dict) -> tuple[list[dict], list[dict]]:
     """Per-initialisation rows and paired comparisons (to naive; KNOW methods also to TaskVector and to
-    their shrink-and-perturb control at the same step). Pairs are (pre-training seed, downstream seed)."""
+    their shrink-and-perturb control at the same step). Pairs are (pre-training seed, downstream seed).
+
+    With several pre-training seeds the pairs are pooled as if independent; downstream seeds under one
+    pre-trained model are clustered, so intervals are then somewhat optimistic (every shipped config uses
+    one pre-training seed)."""
     by = {}
     for r in results:
         by.setdefault(r["init"], {})[(r["pretrain_seed"], r["seed"])] = r
@@ -251,7 +270,8 @@ def verdicts(rows, comparisons, curves, test_n: int) -> list[str]:
     for phase, label in (("head", "the head-only phase"), ("full", "full fine-tuning")):
         wins = [r["init"] for r in rows if r["method"].startswith("known") and r[f"{phase}_d_naive"] > 0 and r[f"{phase}_p"] < 0.05]
         for init in wins:
-            ok = all(c["d"] > 0 and c["p"] < 0.05 for c in comparisons if c["init"] == init and c["phase"] == phase)
+            mine = [c for c in comparisons if c["init"] == init and c["phase"] == phase]
+            ok = bool(mine) and all(c["d"] > 0 and c["p"] < 0.05 for c in mine)
             out.append(f"{init} beats naive after {label} (p={by[init][f'{phase}_p']:.3g})"
                        + (" and every control at its step." if ok else ", but not every control at its step."))
         if not wins:
@@ -259,12 +279,17 @@ def verdicts(rows, comparisons, curves, test_n: int) -> list[str]:
     return out
 
 
-def load_predictors(cfg: TransferConfig) -> dict:
+def load_predictors(cfg: TransferConfig, tracking: str | None) -> dict:
     models = {}
     if "known" in cfg.methods:
+        from mlflow.exceptions import MlflowException
+
         from known import registry
 
-        models["known"] = registry.load(cfg.known)
+        try:
+            models["known"] = registry.load(cfg.known, tracking)
+        except MlflowException as e:
+            raise FileNotFoundError(f"KNOWN {cfg.known!r} not found in the registry at {registry.tracking_uri(tracking)}: {e}") from e
     if "known-official" in cfg.methods:
         from known.official import load_dir
 
@@ -296,7 +321,7 @@ def main(argv=None) -> int:
         task_split(cfg.downstream, settings, True, 0)  # enough images for the asked train_size?
         if cfg.source:
             task_split(cfg.source, settings, True, 0)
-        models = load_predictors(cfg)
+        models = load_predictors(cfg, args.tracking_uri)
         reused = from_catalog(cfg) if cfg.from_catalog else None  # a missing sweep is an error up front
     except (ConfigError, data.DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -346,7 +371,13 @@ def main(argv=None) -> int:
                                  cfg.downstream, settings, seed))
         source_acc = {k: sum(v) / len(v) for k, v in source_acc.items()}
         t0 = time.perf_counter()
-        results = run_finetunes(jobs, workers)
+        try:
+            results = run_finetunes(jobs, workers)
+        except FinetuneError as e:
+            print(f"error: {e}", file=sys.stderr)
+            mlflow.set_tag("oblivion.error", str(e)[:4000])
+            mlflow.end_run("FAILED")
+            return 1
         wall["finetune_s"] = time.perf_counter() - t0
         wall["finetune_per_run_s"] = sum(r["wall_s"] for r in results) / len(results)
 
@@ -387,6 +418,7 @@ def main(argv=None) -> int:
             shown |= {k: inits_all[k][1] for k in ("known-3", "average") if k in inits_all}
             _, off = plots.pca_plane(first.stages, shown, initmod.predicted_names(first.kinds),
                                      lambda st: source_accuracy(first, st, settings, True), d / "pca_plane.png")
+            mlflow.log_metrics({f"{k}.pca_off_plane": v for k, v in off.items()})
             mlflow.log_artifacts(str(d))
         mlflow.log_metrics({k: v for k, v in wall.items()})
         for r in rows:

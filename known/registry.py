@@ -42,6 +42,7 @@ def use_tracking(flag: str | None, experiment: str) -> str:
     uri = tracking_uri(flag)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
+    mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")  # the UI opens on runs, not GenAI
     return uri
 
 

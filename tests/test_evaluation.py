@@ -98,6 +98,7 @@ def _with(**over):
     ({"source__classes": [0, 0, 1]}, "distinct"),
     ({"source__arch": {"depth": 2}}, "does not build"),
     ({"downstream__seeds": 1}, "seeds"),
+    ({"downstream__dataset": "cifar10"}, "differ in shape"),
 ])
 def test_bad_configs_name_the_bad_value(over, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -15,8 +15,8 @@ HOST=${MLFLOW_HOST:-127.0.0.1}
 PORT=${MLFLOW_PORT:-5000}
 PG_PORT=${PG_PORT:-5433}
 ARTIFACTS=${ARTIFACTS:-$STATE/artifacts}
-MLFLOW=${MLFLOW:-$( [ -x .venv/bin/mlflow ] && echo .venv/bin/mlflow || command -v mlflow )}
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+MLFLOW=${MLFLOW:-$( [ -x .venv/bin/mlflow ] && echo .venv/bin/mlflow || command -v mlflow || true )}
+PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 if [ -z "$PG_BIN" ]; then
   echo "error: PostgreSQL not found under /usr/lib/postgresql; install it: apt-get install postgresql" >&2
   exit 2
@@ -26,7 +26,8 @@ if [ -z "$MLFLOW" ]; then
   exit 2
 fi
 
-# PostgreSQL refuses to run as root: run its commands as the `postgres` user then.
+# PostgreSQL refuses to run as root: run its commands as the `postgres` user then (STATE_DIR's parents must
+# be searchable by that user: /tmp or /srv, not /root).
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 mkdir -p "$STATE/pg" "$STATE/sock"
