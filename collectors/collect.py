@@ -140,8 +140,6 @@ CAPACITY_CHECK_S = 10.0  # how long the driver waits for any result before re-ch
 
 def _room(w: WorkerSettings) -> int:
     """Workers the cluster's live CPUs hold now (a dead node's CPUs drop out once Ray notices it)."""
-    import ray
-
     return int(ray.cluster_resources().get("CPU", 0) // w.cpus_per_worker)
 
 
@@ -176,7 +174,7 @@ def collect(
     cpus = ray.cluster_resources().get("CPU", 0)
     if w.cpus_per_worker > cpus:
         raise ValueError(f"workers.cpus_per_worker={w.cpus_per_worker} exceeds the cluster's {cpus} CPUs: no worker could start")
-    capacity = max(1, int(cpus // w.cpus_per_worker))
+    capacity = max(1, _room(w))
     if num_workers is not None and num_workers > capacity:
         print(f"--num-workers {num_workers} exceeds what {cpus:g} CPUs hold at {w.cpus_per_worker:g} each; using {capacity}")
     num_workers = min(num_workers or capacity, capacity, len(todo))
@@ -215,6 +213,16 @@ def collect(
         catalog.write(out, rows.values())
         bar.update(1)
 
+    def retire(j: int, requeue: list[str]) -> None:
+        """Stop using worker j (the shrunken cluster cannot place it): ``requeue`` and what it finished but
+        never published run again, with no attempt charged."""
+        workers[j] = None
+        unpublished = list(pending[j])
+        pending[j] = {}
+        bar.update(-len(unpublished))
+        todo.extendleft(by_id[s] for s in reversed(requeue + unpublished))
+        print(f"worker {j} retired: the cluster now holds {_room(w)} workers", flush=True)
+
     try:
         while todo or inflight or any(pending.values()):
             busy = {i for i, _ in inflight.values()}
@@ -238,8 +246,7 @@ def collect(
                     if any(k == j for k, _ in inflight.values()):
                         retiring.add(j)  # its queued sweep comes back through the death path below
                     else:
-                        workers[j] = None
-                        print(f"worker {j} retired: the cluster no longer has room for it", flush=True)
+                        retire(j, [])
                 continue
             i, sid = inflight.pop(ready[0])
             try:
@@ -247,12 +254,7 @@ def collect(
             except (*_WORKER_DEATH, ray.exceptions.RayTaskError) as e:
                 if i in retiring:  # retired on purpose (it could not be placed): no attempt charged
                     retiring.discard(i)
-                    workers[i] = None
-                    unpublished = list(pending[i])  # finished there, never published: counted, to run again
-                    pending[i] = {}
-                    bar.update(-len(unpublished))
-                    todo.extendleft(by_id[s] for s in reversed(([sid] if sid else []) + unpublished))
-                    print(f"worker {i} retired: the cluster no longer has room for it", flush=True)
+                    retire(i, [sid] if sid else [])
                     continue
                 writer_failed = isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, WriterError)
                 if isinstance(e, ray.exceptions.RayTaskError) and not writer_failed:  # a bug in sweep code
@@ -264,8 +266,7 @@ def collect(
                 ray.kill(workers[i])  # an unavailable actor may come back: it must not publish behind our back
                 alive, room = sum(a is not None and j not in retiring for j, a in enumerate(workers)), _room(w)
                 if alive > 1 and alive > room:  # the cluster lost CPUs (a node): go on with fewer workers
-                    workers[i] = None  # instead of waiting for a replacement that cannot be placed
-                    print(f"worker {i} retired: the cluster now holds {room} workers", flush=True)
+                    retire(i, [])  # instead of waiting for a replacement that cannot be placed
                 else:  # (if the loss is not visible yet, the capacity check above retires it later)
                     generation[i] += 1
                     workers[i] = new_worker(i, generation[i])

@@ -67,6 +67,11 @@ def _optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
+def cosine_schedule(opt, epochs: int, n: int, batch_size: int):
+    """Cosine decay to zero over ``epochs`` passes of ``n`` examples, stepped once per batch."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * math.ceil(n / batch_size), 1))
+
+
 def train_epochs(model, opt, split, idx, dataset, batch_size, epochs, gen, sched=None, bn_frozen=False) -> tuple[int, float, float]:
     """``epochs`` passes over the examples ``idx`` of ``split``; returns (steps, loss, acc) of the last pass.
 
@@ -116,7 +121,7 @@ def train_stages(
     for k, (idx, plan) in enumerate(zip(subsets, plans, strict=True)):
         t0 = time.perf_counter()
         opt = _optimizer(optimizer, model, plan.lr)  # a fresh optimiser per stage: each stage is its own fine-tune
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.epochs * math.ceil(len(idx) / batch_size)) if plan.cosine else None
+        sched = cosine_schedule(opt, plan.epochs, len(idx), batch_size) if plan.cosine else None
         steps, tr_loss, tr_acc = train_epochs(model, opt, train, idx, dataset, batch_size, plan.epochs, gen, sched)
         te_loss, te_acc = evaluate(model, dataset, test)
         if not math.isfinite(te_loss):

@@ -3,14 +3,13 @@ fine-tuning with cosine decay (the official code's protocol). One function, read
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from torch import nn
 
 from collectors import data, zoo
-from collectors.sweep import evaluate, train_epochs
+from collectors.sweep import cosine_schedule, evaluate, train_epochs
 from evaluation.config import Downstream, Task
 from known.predict import reestimate_bn
 
@@ -93,7 +92,7 @@ def finetune(init: dict[str, torch.Tensor] | None, family: str, arch: dict, task
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=task.full_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(task.full_epochs * math.ceil(len(train) / task.batch_size), 1))
+    sched = cosine_schedule(opt, task.full_epochs, len(train), task.batch_size)
     for _ in range(task.full_epochs):
         epoch("full", opt, sched)
     acc_full = evaluate(model, task.dataset, test)[1] if task.full_epochs else acc_head

@@ -14,6 +14,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def accuracy(rows: Sequence[Mapping], path: Path) -> Path:
     """Mean ± std downstream accuracy (head-only and full fine-tuning) per initialisation."""
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.45 * len(rows) + 4), 4.5), sharey=False)
@@ -33,10 +40,7 @@ def accuracy(rows: Sequence[Mapping], path: Path) -> Path:
         ax.set_title(f"downstream accuracy after {'the head-only phase' if phase == 'head' else 'full fine-tuning'}")
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def forgetting(curves: Mapping[int, Mapping[str, Sequence[float]]], path: Path) -> Path:
@@ -50,10 +54,7 @@ def forgetting(curves: Mapping[int, Mapping[str, Sequence[float]]], path: Path) 
     ax.set_ylabel("source test accuracy (%)")
     ax.set_title("forgetting curve")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pca_plane(stages: Sequence[Mapping[str, torch.Tensor]], predictions: Mapping[str, Mapping[str, torch.Tensor]],
@@ -106,7 +107,4 @@ def pca_plane(stages: Sequence[Mapping[str, torch.Tensor]], predictions: Mapping
     ax.set_ylabel("PC 2")
     ax.set_title("weights on the trajectory's PCA plane")
     ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path, off
+    return _save(fig, path), off
