@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import hashlib
     import json
+    import sys
 
     p = argparse.ArgumentParser(prog="python -m known.registry", description=main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,11 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from meta import catalog, storage
 
-    models = load(args.model, args.tracking_uri)
-    fs, path = storage.resolve(args.shards)
-    with fs.open_input_file(storage.join(path, catalog.FILENAME)) as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    rows = catalog.read(args.shards)
+    from mlflow.exceptions import MlflowException
+
+    try:  # everything is read before anything is written: a bad input leaves the shipped KNOWN as it was
+        models = load(args.model, args.tracking_uri)
+        fs, path = storage.resolve(args.shards)
+        with fs.open_input_file(storage.join(path, catalog.FILENAME)) as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        rows = catalog.read(args.shards)
+        validation = {Path(v).name: (json.loads(Path(v).read_text()) if v.endswith(".json") else Path(v).read_text())
+                      for v in args.validation}
+    except (OSError, ValueError, MlflowException) as e:  # missing files / versions, unreadable catalog, bad JSON
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     done = [r for r in rows if r["status"] == "done"]
     counts: dict[str, int] = {}
     for r in done:
@@ -160,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweeps_by_family_dataset": dict(sorted(counts.items())),
         "collection_cpu_hours": round(sum(r["wall_s"] for r in done) / 3600, 2),
         "commands": args.command,
-        "validation": {Path(v).name: (json.loads(Path(v).read_text()) if v.endswith(".json") else Path(v).read_text())
-                       for v in args.validation},
+        "validation": validation,
         "inputs": {k: ("scaled" if m.scaled else "raw") for k, m in models.items()},
     }
     out = ship(models, provenance)
