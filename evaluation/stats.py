@@ -41,3 +41,31 @@ def paired(a, b, confidence: float = 0.95) -> Paired:
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
     p = float(stats.ttest_rel(a, b).pvalue)
     return Paired(n, mean, std, mean - half, mean + half, p, int((d > 0).sum()))
+
+
+def clustered(a, b, clusters, confidence: float = 0.95) -> Paired:
+    """Paired difference a − b with the *cluster* as the unit: differences are averaged within each cluster
+    (one pre-training seed), then tested across clusters. Downstream seeds that share a pre-trained model are
+    not independent draws of "a pre-trained model", so pooling them overstates the evidence; this does not.
+    Needs at least 2 clusters (and has little power with few)."""
+    a, b, c = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), np.asarray(clusters)
+    if not (a.shape == b.shape == c.shape) or a.ndim != 1:
+        raise ValueError(f"clustered samples need equal 1-D shapes, got {a.shape}, {b.shape} and {c.shape}")
+    keys = sorted(set(c.tolist()))
+    if len(keys) < 2:
+        raise ValueError(f"a clustered test needs at least 2 clusters, got {len(keys)}")
+    ma = [a[c == k].mean() for k in keys]
+    mb = [b[c == k].mean() for k in keys]
+    return paired(ma, mb, confidence)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (family-wise error), in the input order. nan stays nan and does not
+    count towards the family size. Many comparisons per experiment: one p < 0.05 among twenty is chance."""
+    p = [float(x) for x in pvalues]
+    idx = sorted((i for i, x in enumerate(p) if not math.isnan(x)), key=lambda i: p[i])
+    m, out, running = len(idx), list(p), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out

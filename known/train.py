@@ -90,6 +90,19 @@ def _checkpoint_dir(models, opts, epoch: int, step: int, d: str) -> str:
     return d
 
 
+def restore(models: dict, opts: dict, d: str, device="cpu") -> tuple[int, int]:
+    """Load a checkpoint folder written by ``_checkpoint_dir`` into ``models`` / ``opts``; (epoch, step)."""
+    for k, m in registry.load_dir(d).items():
+        if m.scaled != models[k].scaled:  # same weights, other inputs: resuming would train nonsense
+            raise ValueError(f"checkpoint {d} holds a {k} KNOWN with scaled={m.scaled}; this run trains "
+                             f"scaled={models[k].scaled}: start a new --name")
+        models[k].load_state_dict(m.state_dict())
+    for k, st in torch.load(Path(d) / "optimizers.pt", map_location=device, weights_only=True).items():
+        opts[k].load_state_dict(st)
+    progress = json.loads((Path(d) / "progress.json").read_text())
+    return progress["epoch"], progress["step"]
+
+
 def _unwrap(m):
     return m.module if hasattr(m, "module") else m
 
@@ -129,12 +142,7 @@ def train_loop(cfg: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume: weights, optimiser state and progress of the last checkpoint
         with ckpt.as_directory() as d:
-            for k, m in registry.load_dir(d).items():
-                models[k].load_state_dict(m.state_dict())
-            for k, st in torch.load(Path(d) / "optimizers.pt", map_location=device, weights_only=True).items():
-                opts[k].load_state_dict(st)
-            progress = json.loads((Path(d) / "progress.json").read_text())
-            epoch0, step = progress["epoch"], progress["step"]
+            epoch0, step = restore(models, opts, d, device)
     resumed_from = step  # reported with every metric, so a resumed run is visible as one
     if ctx.get_world_size() > 1:
         from ray.train.torch import prepare_model

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,27 @@ def test_paired_degenerate_and_bad_inputs():
         stats.paired([0.5], [0.4])
     with pytest.raises(ValueError, match="equal 1-D shapes"):
         stats.paired([0.5, 0.4], [0.4])
+
+
+def test_holm_matches_hand_computed_values():
+    # sorted p 0.01, 0.02, 0.04 (m=3): 3·0.01=0.03, 2·0.02=0.04, 1·0.04=0.04; nan is left out of the family
+    assert stats.holm([0.04, 0.01, float("nan"), 0.02]) == pytest.approx([0.04, 0.03, float("nan"), 0.04], nan_ok=True)
+    # monotone: a later, larger raw p can never get a smaller adjusted p; capped at 1
+    assert stats.holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])
+    assert stats.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_clustered_averages_within_pretraining_seeds():
+    # cluster 0: d = 0.1, 0.3 (mean 0.2); cluster 1: d = 0.0, 0.2 (mean 0.1); cluster 2: d = 0.3 (mean 0.3)
+    a = [0.6, 0.8, 0.5, 0.7, 0.9]
+    b = [0.5, 0.5, 0.5, 0.5, 0.6]
+    c = [0, 0, 1, 1, 2]
+    got = stats.clustered(a, b, c)
+    want = stats.paired([0.2, 0.1, 0.3], [0.0, 0.0, 0.0])
+    assert got.n == 3 and got.mean == pytest.approx(0.2) and got.p == pytest.approx(want.p)
+    assert got.p > stats.paired(a, b).p  # pooling 5 pairs claims more evidence than 3 pre-trained models give
+    with pytest.raises(ValueError, match="at least 2 clusters"):
+        stats.clustered([0.6, 0.7], [0.5, 0.5], [0, 0])
 
 
 def _kinds():
@@ -163,3 +185,32 @@ def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(_with(methods=["taskvector", "magic"])))
     assert transfer.main(["--config", str(cfg)]) == 2
     assert "magic" in capsys.readouterr().err
+
+
+def test_summary_corrects_for_many_tests_and_for_pretraining_seeds():
+    from evaluation import transfer
+
+    rng = np.random.default_rng(0)
+    inits_ = {"naive": ({"method": "naive", "step": 0, "multiplier": 1},),
+              "known-1": ({"method": "known", "step": 1, "multiplier": 2},),
+              "taskvector-1": ({"method": "taskvector", "step": 1, "multiplier": 2},),
+              "sp-known-1": ({"method": "sp-known", "step": 1, "multiplier": 2},)}
+    lift = {"naive": 0.0, "known-1": 0.02, "taskvector-1": 0.005, "sp-known-1": 0.0}
+    results = []
+    for pseed, base in ((0, 0.70), (1, 0.74), (2, 0.72)):  # three pre-trained models of different quality
+        for seed in range(6):
+            noise = rng.normal(0, 0.01)
+            for init, up in lift.items():
+                acc = base + noise + up + rng.normal(0, 0.002)
+                results.append({"init": init, "pretrain_seed": pseed, "seed": seed, "acc_head": acc, "acc_full": acc})
+    rows, comps = transfer.summarize(results, inits_, {})
+    assert {(c["reference"], c["phase"]) for c in comps} == {(r, ph) for r in ("naive", "taskvector-1", "sp-known-1") for ph in ("head", "full")}
+    assert all(c["p_holm"] >= c["p"] for c in comps) and all(c["n"] == 18 for c in comps)
+    assert all("p_pretrain" in c for c in comps) and all("head_p_pretrain" in r for r in rows if r["init"] != "naive")
+    line = transfer.target(comps)
+    assert line.startswith("target") and "known-1 head" in line and "pre-training seeds as the unit" in line
+    # the same data with known no better than TaskVector: the bar is not met
+    for r in results:
+        if r["init"] == "taskvector-1":
+            r["acc_head"] = r["acc_full"] = r["acc_head"] + 0.02
+    assert "not met; after Holm adjustment: not met" in transfer.target(transfer.summarize(results, inits_, {})[1])

@@ -165,3 +165,19 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_within_noise(meta_
     assert a["resumed_from_step"] > 0  # it did not start over
     assert a["step"] >= b["step"]  # a mid-epoch checkpoint replays the start of its epoch (module docstring)
     assert abs(a["val_rel_l1_known"] - b["val_rel_l1_known"]) <= 0.1 * b["val_rel_l1_known"]
+
+
+def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
+    import torch
+
+    from known.model import KNOWN
+
+    models = registry.fresh(1)
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
+    train._checkpoint_dir(models, opts, epoch=2, step=37, d=str(tmp_path))
+    again = registry.fresh(2)
+    assert train.restore(again, {k: torch.optim.Adam(m.parameters()) for k, m in again.items()}, str(tmp_path)) == (2, 37)
+    assert all(torch.equal(again["conv"].state_dict()[n], t) for n, t in models["conv"].state_dict().items())
+    raw = {k: KNOWN(scaled=False) for k in models}  # a checkpoint of the official (raw-input) kind
+    with pytest.raises(ValueError, match="scaled=True"):
+        train.restore(raw, {k: torch.optim.Adam(m.parameters()) for k, m in raw.items()}, str(tmp_path))
