@@ -175,6 +175,17 @@ def test_tiny_experiment_end_to_end(tmp_path, fake_root, ray_local):
     assert len(summary["curves"]["0"]["bn_reestimated"]) == 5
     assert any("pre-training vs scratch" in v for v in summary["verdicts"])
 
+    from evaluation import report  # docs/results.md is generated from these runs
+
+    out = tmp_path / "docs" / "results.md"
+    assert report.main(["--out", str(out), "--tracking-uri", uri]) == 0
+    text = out.read_text()
+    assert "## Overview" in text and "| tiny | mnist 0–4 → 5–9, cnn, 40 images, 1×2 seeds |" in text
+    assert f"## tiny\n\nMLflow run `{parent.info.run_id}`" in text
+    assert all((out.parent / "results" / "tiny" / plot).is_file() for plot in report.PLOTS)
+    assert report.main(["--out", str(tmp_path / "none.md"), "--tracking-uri", f"sqlite:///{tmp_path}/empty.db"]) == 2
+    assert not (tmp_path / "none.md").exists()
+
 
 def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
     import yaml
@@ -231,3 +242,11 @@ def test_target_counts_our_known_only():
     comps = transfer.summarize(results, inits_, {})[1]
     assert any(c["init"] == "known-official-1" and c["reference"] == "taskvector-1" and c["p"] < 0.05 for c in comps)
     assert "not met; after Holm adjustment: not met" in transfer.target(comps)
+
+    from evaluation import report
+
+    rows = transfer.summarize(results, inits_, {})[0]
+    summary = {"rows": rows, "comparisons": comps, "curves": {"0": {"bn_reestimated": [0.9, 0.85, 0.8, 0.8, 0.7]}}}
+    line = report.overview_row("x", parse_config(_with(methods=["known"], shrink_perturb_for=[])), summary)
+    assert line.startswith("| x | mnist 0–4 → 5–9, cnn, 40 images, 1×2 seeds | – | 90.0 → 70.0 | ×2: ")
+    assert line.endswith("| no / no / – |")
