@@ -85,6 +85,9 @@ def test_ray_job_submit_smoke(tmp_path, fake_root):
     out = tmp_path / "meta"
     start = [str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
+             # the agents' default ports would collide with any other Ray cluster on this machine
+             *[a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                              "--metrics-export-port", "--ray-client-server-port") for a in (flag, str(_free_port()))],
              "--temp-dir", ray_tmp]
     # --block: the cluster lives as long as this process, so stopping it stops only this cluster
     # (`ray stop` would stop every Ray cluster on the machine, a user's own included)
@@ -96,19 +99,43 @@ def test_ray_job_submit_smoke(tmp_path, fake_root):
             if probe.returncode == 0:
                 break
             time.sleep(1)
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
-             "python", "collectors/launch.py", "--config", str(cfg), "--out", str(out), "--data-root", str(fake_root),
-             "--unverified-cifar10"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
+
+        def submit(*entrypoint):
+            for _ in range(30):  # the job agent comes up a little after the job server answers, later on a busy machine
+                job = subprocess.run([str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                                      "--working-dir", str(REPO), "--", *entrypoint],
+                                     env=env, capture_output=True, text=True, timeout=400)
+                if job.returncode == 0 or "No available agent" not in job.stderr:
+                    return job
+                time.sleep(2)
+            return job
+
+        job = submit("python", "collectors/launch.py", "--config", str(cfg), "--out", str(out), "--data-root", str(fake_root),
+                     "--unverified-cifar10")
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "2 done now" in job.stdout and "succeeded" in job.stdout + job.stderr
+        # the evaluation is a Ray job too: its fine-tunes run as tasks on this cluster, its runs land in MLflow
+        import yaml
+        from test_evaluation import BASE
+
+        ecfg, uri = tmp_path / "eval.yaml", f"sqlite:///{tmp_path}/mlflow.db"
+        ecfg.write_text(yaml.safe_dump(BASE))
+        job = submit("python", "-m", "evaluation.transfer", "--config", str(ecfg), "--data-root", str(fake_root), "--tracking-uri", uri)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
     finally:
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=120)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert [r["status"] for r in catalog.read(str(out))] == ["done", "done"]
+    from mlflow import MlflowClient
+
+    from evaluation.transfer import EXPERIMENT, ROLE_TAG
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert [r.info.status for r in runs if r.data.tags.get(ROLE_TAG) == "experiment"] == ["FINISHED"]
+    assert sum(r.data.tags.get(ROLE_TAG) == "finetune" for r in runs) == 12
 
 
 @pytest.fixture(scope="session")
