@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from evaluation.config import TransferConfig, parse_config
-from evaluation.transfer import EXPERIMENT, ROLE_TAG, target_hits
+from evaluation.transfer import EXPERIMENT, ROLE_TAG, target_results
 from known import registry
 
 PLOTS = ("accuracy.png", "forgetting_curve.png", "pca_plane.png")
@@ -52,11 +52,8 @@ def overview_row(name: str, cfg: TransferConfig, summary: dict) -> str:
         ours = [c for c in comps if c["method"] == "known" and c["reference"] == "naive" and c["phase"] == ph]
         c = max(ours, key=lambda c: c["d"], default=None)
         best.append(f"×{rows[c['init']]['multiplier']:g}: {100 * c['d']:+.2f} (p {c['p']:.2g}, Holm {c['p_holm']:.2g})" if c else "–")
-    met = "–"
-    if any(c["method"] == "known" for c in comps):
-        several = "p_pretrain" in comps[0]
-        met = " / ".join(("yes" if target_hits(comps, k) else "no") if k != "p_pretrain" or several else "–"
-                         for k in ("p", "p_holm", "p_pretrain"))
+    res = target_results(comps)
+    met = "–" if res is None else " / ".join(("yes" if res[k] else "no") if k in res else "–" for k in ("p", "p_holm", "p_pretrain"))
     return f"| {name} | {setting} | {vs_scratch} | {100 * a0:.1f} → {100 * a4:.1f} | {best[0]} | {best[1]} | {met} |"
 
 

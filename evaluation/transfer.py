@@ -318,14 +318,22 @@ def target_hits(comparisons, key: str = "p") -> list[str]:
     return hits
 
 
-def target(comparisons) -> str:
+def target_results(comparisons) -> dict[str, list[str]] | None:
+    """``target_hits`` under each test the experiment has (raw p, Holm, and the pre-training seed as the unit
+    where there are several); None when our KNOWN was not evaluated."""
     ours = [c for c in comparisons if c["method"] == "known"]
     if not ours:
+        return None
+    return {key: target_hits(ours, key) for key in ["p", "p_holm"] + (["p_pretrain"] if "p_pretrain" in ours[0] else [])}
+
+
+def target(comparisons) -> str:
+    res = target_results(comparisons)
+    if res is None:
         return "target (our KNOWN beats naive and TaskVector, p < 0.05): not measured (no `known` method in this config)."
-    keys = [("p", ""), ("p_holm", "after Holm adjustment: ")] + ([("p_pretrain", "with pre-training seeds as the unit: ")]
-                                                               if "p_pretrain" in ours[0] else [])
+    labels = {"p": "", "p_holm": "after Holm adjustment: ", "p_pretrain": "with pre-training seeds as the unit: "}
     return "target (our KNOWN beats naive and TaskVector, p < 0.05): " + "; ".join(
-        label + (", ".join(target_hits(ours, key)) or "not met") for key, label in keys) + "."
+        labels[key] + (", ".join(hits) or "not met") for key, hits in res.items()) + "."
 
 
 def load_predictors(cfg: TransferConfig, tracking: str | None) -> dict:
