@@ -305,10 +305,9 @@ def verdicts(rows, comparisons, curves, test_n: int) -> list[str]:
     return out
 
 
-def target_hits(comparisons, key: str = "p") -> list[str]:
-    """Issue 4's bar: where our KNOWN (method ``known``; the authors' ``known-official`` does not count) beats
-    naive and TaskVector at the same step and phase with ``key`` (p, p_holm or p_pretrain) < 0.05."""
-    ours = [c for c in comparisons if c["method"] == "known"]
+def target_hits(ours, key: str) -> list[str]:
+    """Issue 4's bar: where our KNOWN beats naive and TaskVector at the same step and phase with ``key``
+    (p, p_holm or p_pretrain) < 0.05. ``ours``: the comparisons of our KNOWN only (``target_results``)."""
     hits = []
     for c in ours:
         if c["reference"] == "naive" and c["d"] > 0 and c[key] < 0.05:
@@ -320,7 +319,8 @@ def target_hits(comparisons, key: str = "p") -> list[str]:
 
 def target_results(comparisons) -> dict[str, list[str]] | None:
     """``target_hits`` under each test the experiment has (raw p, Holm, and the pre-training seed as the unit
-    where there are several); None when our KNOWN was not evaluated."""
+    where there are several); None when our KNOWN was not evaluated. "Ours" is method ``known``: the authors'
+    ``known-official`` does not count."""
     ours = [c for c in comparisons if c["method"] == "known"]
     if not ours:
         return None

@@ -239,13 +239,12 @@ def test_target_counts_our_known_only():
     rng = np.random.default_rng(1)
     results = [{"init": init, "pretrain_seed": 0, "seed": seed, "acc_head": 0.7 + up + rng.normal(0, 0.002),
                 "acc_full": 0.8 + up + rng.normal(0, 0.002)} for seed in range(8) for init, up in lift.items()]
-    comps = transfer.summarize(results, inits_, {})[1]
+    rows, comps = transfer.summarize(results, inits_, {})
     assert any(c["init"] == "known-official-1" and c["reference"] == "taskvector-1" and c["p"] < 0.05 for c in comps)
     assert "not met; after Holm adjustment: not met" in transfer.target(comps)
 
     from evaluation import report
 
-    rows = transfer.summarize(results, inits_, {})[0]
     summary = {"rows": rows, "comparisons": comps, "curves": {"0": {"bn_reestimated": [0.9, 0.85, 0.8, 0.8, 0.7]}}}
     line = report.overview_row("x", parse_config(_with(methods=["known"], shrink_perturb_for=[])), summary)
     assert line.startswith("| x | mnist 0–4 → 5–9, cnn, 40 images, 1×2 seeds | – | 90.0 → 70.0 | ×2: ")
