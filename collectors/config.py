@@ -11,13 +11,14 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from collectors import zoo
 from collectors.data import DATASETS
+from meta.record import LEGACY_PROTOCOL
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -42,8 +43,22 @@ def _check_dataset(v: str) -> str:
     return v
 
 
+StageInit = Literal["sequential", "restart"]
+Schedule = Literal["constant", "cosine"]
+OptimizerState = Literal["fresh", "carry"]
+Augment = Literal["none", "crop_flip"]
+
+# A protocol field at its LEGACY_PROTOCOL value (what every sweep collected before the field existed used) is
+# left out of the sweep id, so those sweeps keep their ids.
+
+
 class SweepSpec(_Strict):
-    """One forgetting sweep: Θ0 trained on D0, then L-1 fine-tunes on nested subsets shrinking by r."""
+    """One forgetting sweep: Θ0 trained on D0, then L-1 stages on nested subsets shrinking by r.
+
+    Protocol: ``stage_init`` sequential (stage k fine-tunes Θk−1, the paper) or restart (every stage trains
+    from the same initial weights on its subset, the authors' released collector); ``schedule`` of every
+    stage, pre-training included (constant, or cosine to zero over the stage); ``optimizer_state`` fresh per
+    stage or carried over; ``augment`` (random crop with padding + horizontal flip, seeded)."""
 
     family: str
     arch: dict
@@ -58,6 +73,10 @@ class SweepSpec(_Strict):
     train_size: int | None = Field(default=None, ge=1)  # |D0|; None = the full training set
     test_size: int | None = Field(default=None, ge=1)  # test images per evaluation; None = all
     seed: int
+    stage_init: StageInit = "sequential"
+    schedule: Schedule = "constant"
+    optimizer_state: OptimizerState = "fresh"
+    augment: Augment = "none"
 
     _family = field_validator("family")(_check_family)
     _dataset = field_validator("dataset")(_check_dataset)
@@ -71,9 +90,17 @@ class SweepSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _restart_is_fresh(self) -> SweepSpec:
+        if self.stage_init == "restart" and self.optimizer_state == "carry":
+            raise ValueError("stage_init='restart' trains every stage from the initial weights: "
+                             "optimizer_state must be 'fresh', got 'carry'")
+        return self
+
     @property
     def sweep_id(self) -> str:
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        content = {k: v for k, v in self.model_dump(mode="json").items() if LEGACY_PROTOCOL.get(k, ...) != v}
+        canon = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -96,12 +123,23 @@ class SearchSpace(_Strict):
     optimizers: list[Literal["adam", "sgd"]] = Field(default_factory=lambda: ["adam"], min_length=1)
     pretrain_epochs: int = Field(default=5, ge=1)
     n_stages: int = Field(default=7, ge=3)
-    stage_epochs: int = Field(default=1, ge=1)
+    stage_epochs: Annotated[int, Field(ge=1)] | Literal["pretrain"] = 1  # "pretrain": as many epochs as Θ0 had
     train_size: int | None = Field(default=None, ge=1)
     test_size: int | None = Field(default=None, ge=1)
+    stage_init: StageInit = "sequential"
+    schedule: Schedule = "constant"
+    optimizer_state: OptimizerState = "fresh"
+    augment: Augment = "none"
 
     _families = field_validator("families")(lambda vs: [_check_family(v) for v in vs])
     _datasets = field_validator("datasets")(lambda vs: [_check_dataset(v) for v in vs])
+
+    @model_validator(mode="after")
+    def _restart_is_fresh(self) -> SearchSpace:
+        if self.stage_init == "restart" and self.optimizer_state == "carry":
+            raise ValueError("stage_init='restart' trains every stage from the initial weights: "
+                             "optimizer_state must be 'fresh', got 'carry'")
+        return self
 
     @field_validator("r")
     @classmethod
@@ -220,10 +258,14 @@ def sample_spec(config: CollectConfig, index: int) -> SweepSpec:
         optimizer=s.optimizers[rng.randrange(len(s.optimizers))],
         pretrain_epochs=s.pretrain_epochs,
         n_stages=s.n_stages,
-        stage_epochs=s.stage_epochs,
+        stage_epochs=s.pretrain_epochs if s.stage_epochs == "pretrain" else s.stage_epochs,
         train_size=s.train_size,
         test_size=s.test_size,
         seed=rng.randrange(2**31),
+        stage_init=s.stage_init,
+        schedule=s.schedule,
+        optimizer_state=s.optimizer_state,
+        augment=s.augment,
     )
 
 

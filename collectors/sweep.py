@@ -1,6 +1,7 @@
 """The forgetting sweep ("controlled forgetting", the paper's sequential fine-tuning).
 
-Θ0 is trained from initialisation on D0; Θk fine-tunes Θk−1 on Dk ⊂ Dk−1 with |Dk| = round(r·|Dk−1|).
+Θ0 is trained from initialisation on D0; Θk fine-tunes Θk−1 on Dk ⊂ Dk−1 with |Dk| = round(r·|Dk−1|)
+(or, with ``stage_init: restart``, trains from the same initial weights on Dk, as the released collector).
 Every parameter and buffer is snapshotted after each stage, with the stage's metrics. One function, read
 top to bottom; everything random comes from the spec's seed.
 """
@@ -19,8 +20,9 @@ import torchvision
 from torch import nn
 
 from collectors import __version__, data, zoo
+from collectors.augment import crop_flip
 from collectors.config import SweepSpec, stage_sizes
-from meta.shards import FORMAT_VERSION
+from meta.record import FORMAT_VERSION, SweepRecord
 
 
 class SweepDiverged(RuntimeError):
@@ -61,10 +63,35 @@ class StagePlan:
     cosine: bool = False
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How a sweep's stages relate (the spec's protocol fields, resolved): ``augment`` is the generator that
+    draws the crops and flips, None for no augmentation."""
+
+    restart: bool = False
+    carry_optimizer: bool = False
+    augment: torch.Generator | None = None
+
+    @classmethod
+    def of(cls, spec: SweepSpec) -> Protocol:
+        aug = torch.Generator().manual_seed(spec.seed + 3) if spec.augment == "crop_flip" else None
+        return cls(spec.stage_init == "restart", spec.optimizer_state == "carry", aug)
+
+
 def _optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def _stage_optimizer(name: str, model: nn.Module, lr: float, carried: torch.optim.Optimizer | None):
+    """A fresh optimiser (each stage its own fine-tune), or ``carried`` with its moments kept and its
+    learning rate set back to ``lr`` (a cosine schedule of the previous stage left it near zero)."""
+    if carried is None:
+        return _optimizer(name, model, lr)
+    for group in carried.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    return carried
 
 
 def cosine_schedule(opt, epochs: int, n: int, batch_size: int):
@@ -72,11 +99,13 @@ def cosine_schedule(opt, epochs: int, n: int, batch_size: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * math.ceil(n / batch_size), 1))
 
 
-def train_epochs(model, opt, split, idx, dataset, batch_size, epochs, gen, sched=None, bn_frozen=False) -> tuple[int, float, float]:
+def train_epochs(model, opt, split, idx, dataset, batch_size, epochs, gen, sched=None, bn_frozen=False,
+                 augment: torch.Generator | None = None) -> tuple[int, float, float]:
     """``epochs`` passes over the examples ``idx`` of ``split``; returns (steps, loss, acc) of the last pass.
 
     ``sched`` steps after every batch; ``bn_frozen`` keeps the model in eval mode (BatchNorm statistics
-    fixed, as when only a new head is trained on frozen features)."""
+    fixed, as when only a new head is trained on frozen features); ``augment``, a generator, crops and flips
+    every batch with it (``collectors.augment``)."""
     model.train(not bn_frozen)
     steps = 0
     for _ in range(epochs):
@@ -84,7 +113,8 @@ def train_epochs(model, opt, split, idx, dataset, batch_size, epochs, gen, sched
         loss_sum, correct = 0.0, 0
         for start in range(0, len(order), batch_size):
             b = order[start : start + batch_size]
-            xb, yb = data.normalize(dataset, split.x[b]), split.y[b]
+            xb = split.x[b] if augment is None else crop_flip(split.x[b], augment)
+            xb, yb = data.normalize(dataset, xb), split.y[b]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             if not torch.isfinite(loss):
@@ -113,16 +143,26 @@ def train_stages(
     gen: torch.Generator,
     record: bool = True,
     on_stage: Callable[[StageMetrics], None] | None = None,
+    protocol: Protocol | None = None,
 ) -> tuple[list[StageMetrics], list[dict[str, torch.Tensor]]]:
     """Train ``model`` on each subset in turn (stage k on ``subsets[k]`` with ``plans[k]``), evaluating and
-    snapshotting after each stage. The collector's sweep and the evaluation's pre-training both run this."""
+    snapshotting after each stage. The collector's sweep and the evaluation's pre-training both run this.
+
+    ``protocol`` (default: sequential stages, a fresh optimiser each, no augmentation) says how the stages
+    relate: restart puts the initial weights back before every stage; carry keeps one optimiser."""
+    protocol = protocol or Protocol()
+    initial = {k: v.clone() for k, v in model.state_dict().items()} if protocol.restart else None
     stages: list[StageMetrics] = []
     snaps: list[dict[str, torch.Tensor]] = []
+    opt = None
     for k, (idx, plan) in enumerate(zip(subsets, plans, strict=True)):
         t0 = time.perf_counter()
-        opt = _optimizer(optimizer, model, plan.lr)  # a fresh optimiser per stage: each stage is its own fine-tune
+        if initial is not None:
+            model.load_state_dict(initial)
+        opt = _stage_optimizer(optimizer, model, plan.lr, opt if protocol.carry_optimizer else None)
         sched = cosine_schedule(opt, plan.epochs, len(idx), batch_size) if plan.cosine else None
-        steps, tr_loss, tr_acc = train_epochs(model, opt, train, idx, dataset, batch_size, plan.epochs, gen, sched)
+        steps, tr_loss, tr_acc = train_epochs(model, opt, train, idx, dataset, batch_size, plan.epochs, gen, sched,
+                                              augment=protocol.augment)
         te_loss, te_acc = evaluate(model, dataset, test)
         if not math.isfinite(te_loss):
             raise SweepDiverged(f"test loss became {te_loss} at stage {k}")
@@ -198,9 +238,11 @@ def run_sweep(
     subsets = nested_subsets(len(train), spec.train_size, spec.r, spec.n_stages, spec.seed)
     test = test_split(spec, test)
     gen = torch.Generator().manual_seed(spec.seed + 1)  # batch order
-    plans = [StagePlan(spec.pretrain_epochs, spec.lr)] + [StagePlan(spec.stage_epochs, spec.lr)] * (spec.n_stages - 1)
+    cosine = spec.schedule == "cosine"
+    plans = [StagePlan(spec.pretrain_epochs, spec.lr, cosine)] + [StagePlan(spec.stage_epochs, spec.lr, cosine)] * (spec.n_stages - 1)
     stages, snaps = train_stages(model, train, test, subsets, plans, dataset=spec.dataset, optimizer=spec.optimizer,
-                                 batch_size=spec.batch_size, gen=gen, record=record, on_stage=on_stage)
+                                 batch_size=spec.batch_size, gen=gen, record=record, on_stage=on_stage,
+                                 protocol=Protocol.of(spec))
 
     tensors = {name: torch.stack([s[name] for s in snaps]) for name in kinds} if record else {}
     return SweepResult(spec, stages, tensors, kinds, zoo.n_params(model), time.perf_counter() - t_start)
@@ -209,7 +251,7 @@ def run_sweep(
 def to_record(result: SweepResult) -> dict:
     """The JSON record stored beside the tensors: enough to rebuild the catalog row and re-run the sweep."""
     spec = result.spec
-    return {
+    return SweepRecord.model_validate({
         "format": FORMAT_VERSION,
         "sweep_id": spec.sweep_id,
         "spec": spec.model_dump(mode="json"),
@@ -223,4 +265,4 @@ def to_record(result: SweepResult) -> dict:
         ],
         "versions": {"oblivion": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
                      "python": platform.python_version()},
-    }
+    }).model_dump(mode="json")

@@ -91,7 +91,7 @@ def from_catalog(cfg: TransferConfig) -> Trajectory:
     if not found:
         raise ConfigError(f"sweep {ref.sweep_id!r} is not a done sweep of {ref.root}")
     sample = found[0]
-    spec = sample.record["spec"]
+    spec = sample.record.spec
     down = cfg.downstream
     if spec["dataset"] == down.dataset:
         raise ConfigError(f"sweep {ref.sweep_id} was trained on every class of {down.dataset}: a downstream task on the "
@@ -99,11 +99,11 @@ def from_catalog(cfg: TransferConfig) -> Trajectory:
     a, b = data.DATASETS[spec["dataset"]], data.DATASETS[down.dataset]
     if (a.channels, a.size) != (b.channels, b.size):
         raise ConfigError(f"sweep {ref.sweep_id} ({spec['dataset']}) and downstream {down.dataset} images differ in shape")
-    if sample.record["n_stages"] < S:
-        raise ConfigError(f"sweep {ref.sweep_id} recorded {sample.record['n_stages']} stages; KNOW needs {S}")
-    kinds = {t["name"]: t["kind"] for t in sample.record["tensors"]}
+    if sample.record.n_stages < S:
+        raise ConfigError(f"sweep {ref.sweep_id} recorded {sample.record.n_stages} stages; KNOW needs {S}")
+    kinds = sample.record.kinds
     stages = [{n: torch.from_numpy(sample.tensors[n][k].copy()) for n in kinds} for k in range(S)]
-    walls = [s["wall_s"] for s in sample.record["stages"]]
+    walls = [s.wall_s for s in sample.record.stages]
     task = Task(dataset=spec["dataset"], test_size=spec["test_size"])
     return Trajectory(stages, kinds, spec["family"], spec["arch"], task, spec["r"], 2000,
                       {"pretrain_s": walls[0], "sweep_s": sum(walls[1:S])})

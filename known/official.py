@@ -35,7 +35,7 @@ def load_h5(path: str | Path) -> KNOWN:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"official KNOWN weights not found: {path}")
-    model = KNOWN(scaled=False)  # the official model reads raw values
+    model = KNOWN(inputs="raw")  # the official model reads raw values
     state = {}
     with h5py.File(path, "r") as f:
         for keras_name, torch_name in layer_map().items():

@@ -21,7 +21,7 @@ from torch import nn
 from collectors import data
 
 from known import baselines
-from known.model import S, KNOWN
+from known.model import S, KNOWN, segment_rms
 
 PREDICTED_KINDS = ("conv", "linear", "bias")
 METHODS = ("known", "known-official", *baselines.METHODS)
@@ -65,14 +65,15 @@ def _validate(stages: Sequence[Mapping[str, torch.Tensor]]) -> None:
                 raise PredictError(f"stage {k}: {name} contains NaN or inf")
 
 
-def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int) -> torch.Tensor:
-    """Next value of every row of ``window`` [N, S] (least data first)."""
+def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int, sizes: list[int]) -> torch.Tensor:
+    """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it."""
     if method in baselines.METHODS:
         return baselines.predict(method, window)
+    rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
     out = torch.empty(window.shape[0], dtype=window.dtype, device=window.device)
     with torch.inference_mode():
         for i in range(0, window.shape[0], chunk):
-            out[i : i + chunk] = model.step(window[i : i + chunk])
+            out[i : i + chunk] = model.step(window[i : i + chunk], None if rms is None else rms[i : i + chunk])
     return out
 
 
@@ -110,7 +111,7 @@ def retrodict(
     for _ in range(steps):
         new = {n: t.clone() for n, t in stages[0].items()}  # unpredicted kinds: Θ0's values
         for k, w in windows.items():
-            nxt = _step(w, method, models[k] if models else None, chunk)
+            nxt = _step(w, method, models[k] if models else None, chunk, [stages[0][n].numel() for n in names[k]])
             offset = 0
             for n in names[k]:
                 numel = stages[0][n].numel()

@@ -15,7 +15,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from known.model import KNOWN
+from known.model import INPUT_MODES, KNOWN, InputMode
 from known.predict import PREDICTED_KINDS
 
 MODEL_NAME = "KNOWN"
@@ -52,7 +52,7 @@ def save_dir(models: dict[str, KNOWN], directory: str | Path) -> Path:
     for kind in PREDICTED_KINDS:
         tmp = directory / f".{kind}.safetensors.tmp"
         safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in models[kind].state_dict().items()}, str(tmp),
-                                    metadata={"inputs": "scaled" if models[kind].scaled else "raw"})
+                                    metadata={"inputs": models[kind].inputs})
         tmp.replace(directory / f"{kind}.safetensors")
     return directory
 
@@ -66,9 +66,9 @@ def load_dir(directory: str | Path) -> dict[str, KNOWN]:
             raise FileNotFoundError(f"KNOWN weights missing: {path}")
         with safetensors.safe_open(str(path), "pt") as f:
             inputs = (f.metadata() or {}).get("inputs", "raw")
-        if inputs not in ("scaled", "raw"):
-            raise ValueError(f"{path}: unknown input mode {inputs!r} in its metadata (expected 'scaled' or 'raw')")
-        m = KNOWN(scaled=inputs == "scaled")
+        if inputs not in INPUT_MODES:
+            raise ValueError(f"{path}: unknown input mode {inputs!r} in its metadata (expected one of {list(INPUT_MODES)})")
+        m = KNOWN(inputs=inputs)
         m.load_state_dict(safetensors.torch.load_file(str(path)))
         models[kind] = m.eval()
     return models
@@ -170,17 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         "collection_cpu_hours": round(sum(r["wall_s"] for r in done) / 3600, 2),
         "commands": args.command,
         "validation": validation,
-        "inputs": {k: ("scaled" if m.scaled else "raw") for k, m in models.items()},
+        "inputs": {k: m.inputs for k, m in models.items()},
     }
     out = ship(models, provenance)
     print(f"shipped KNOWN to {out} (trained on {len(done)} sweeps, catalog sha256 {digest[:12]}…)")
     return 0
 
 
-def fresh(seed: int = 0) -> dict[str, KNOWN]:
+def fresh(seed: int = 0, inputs: InputMode = "scaled") -> dict[str, KNOWN]:
     """Three newly initialised KNOWNs, reproducibly."""
     torch.manual_seed(seed)
-    return {kind: KNOWN() for kind in PREDICTED_KINDS}
+    return {kind: KNOWN(inputs=inputs) for kind in PREDICTED_KINDS}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ from known import baselines, registry
 from known.model import S
 from known.predict import PREDICTED_KINDS
 from known.windows import KIND_IDS, is_validation, sweep_windows
+from known.model import INPUT_MODES
 from meta import catalog, readers
+from meta.record import CHANCE_MARGIN, learned
 
 METRIC = "val_rel_l1"  # Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over all validation scalars: < 1 beats "no change"
 
@@ -37,23 +39,27 @@ METRIC = "val_rel_l1"  # Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over all validati
 def to_rows(batch: dict, seed: int = 0, repeat: dict | None = None) -> dict:
     """Ray Data map_batches: sweeps (sweep_id, json, safetensors) -> one row per (scalar, window).
 
-    ``repeat`` (kind -> n) repeats the rows of a rare kind n times: biases are ~0.03% of the scalars, so in
-    a mixed batch of 8,192 rows the bias KNOWN would see about two per step."""
-    xs, ys, ks = [], [], []
+    The rows of every sweep in ``batch`` are permuted together, so that the batches cut from them mix that
+    many sweeps (``--sweeps-per-block``; the shuffle buffer mixes further). ``repeat`` (kind -> n) repeats
+    the rows of a rare kind n times: biases are ~0.03% of the scalars, so in a mixed batch of 8,192 rows the
+    bias KNOWN would see about two per step. ``sweep`` numbers the sweep of each row (to count distinct
+    sweeps per training batch)."""
+    cols: dict[str, list] = {"x": [], "y": [], "rms": [], "kind": [], "sweep": []}
     for sid, js, st in zip(batch["sweep_id"], batch["json"], batch["safetensors"]):
         sample = readers.row_to_sample({"sweep_id": sid, "json": js, "safetensors": st})
-        for kind, (x, y) in sweep_windows(sample).items():
+        for kind, w in sweep_windows(sample).items():
             n = (repeat or {}).get(kind, 1)
-            if n > 1:
-                x, y = np.repeat(x, n, axis=0), np.repeat(y, n)
-            xs.append(x)
-            ys.append(y)
-            ks.append(np.full(len(y), KIND_IDS[kind], dtype=np.int8))
-    if not xs:
-        return {"x": np.zeros((0, S), np.float32), "y": np.zeros(0, np.float32), "kind": np.zeros(0, np.int8)}
-    x, y, k = np.concatenate(xs), np.concatenate(ys), np.concatenate(ks)
-    order = np.random.default_rng(seed).permutation(len(y))  # mix layers before the shuffle buffer
-    return {"x": x[order], "y": y[order], "kind": k[order]}
+            cols["x"].append(np.repeat(w.x, n, axis=0) if n > 1 else w.x)
+            for name, v in (("y", w.y), ("rms", w.rms)):
+                cols[name].append(np.repeat(v, n) if n > 1 else v)
+            cols["kind"].append(np.full(len(w.y) * n, KIND_IDS[kind], dtype=np.int8))
+            cols["sweep"].append(np.full(len(w.y) * n, int(sid[:8], 16) & 0x7FFFFFFF, dtype=np.int32))
+    if not cols["x"]:
+        return {"x": np.zeros((0, S), np.float32), "y": np.zeros(0, np.float32), "rms": np.zeros(0, np.float32),
+                "kind": np.zeros(0, np.int8), "sweep": np.zeros(0, np.int32)}
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    order = np.random.default_rng(seed).permutation(len(out["y"]))  # mix layers and sweeps before the shuffle buffer
+    return {k: v[order] for k, v in out.items()}
 
 
 class ErrorSums:
@@ -65,6 +71,7 @@ class ErrorSums:
         self.sums = {(k, m): 0.0 for k in PREDICTED_KINDS for m in (*self.METHODS, "step")}
 
     def add(self, kind: str, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
+        """Add one kind's validation windows ``x`` with targets ``y`` and KNOWN's predictions ``pred``."""
         self.sums[(kind, "known")] += (pred - y).abs().sum().item()
         self.sums[(kind, "taskvector")] += (baselines.predict("taskvector", x) - y).abs().sum().item()
         self.sums[(kind, "linearfit")] += (baselines.predict("linearfit", x) - y).abs().sum().item()
@@ -93,9 +100,9 @@ def _checkpoint_dir(models, opts, epoch: int, step: int, d: str) -> str:
 def restore(models: dict, opts: dict, d: str, device="cpu") -> tuple[int, int]:
     """Load a checkpoint folder written by ``_checkpoint_dir`` into ``models`` / ``opts``; (epoch, step)."""
     for k, m in registry.load_dir(d).items():
-        if m.scaled != models[k].scaled:  # same weights, other inputs: resuming would train nonsense
-            raise ValueError(f"checkpoint {d} holds a {k} KNOWN with scaled={m.scaled}; this run trains "
-                             f"scaled={models[k].scaled}: start a new --name")
+        if m.inputs != models[k].inputs:  # same weights, other inputs: resuming would train nonsense
+            raise ValueError(f"checkpoint {d} holds a {k} KNOWN with inputs={m.inputs!r}; this run trains "
+                             f"inputs={models[k].inputs!r}: start a new --name")
         models[k].load_state_dict(m.state_dict())
     for k, st in torch.load(Path(d) / "optimizers.pt", map_location=device, weights_only=True).items():
         opts[k].load_state_dict(st)
@@ -107,17 +114,17 @@ def _unwrap(m):
     return m.module if hasattr(m, "module") else m
 
 
-def train_step(models: dict, opts: dict, batch: dict) -> dict[str, tuple[float, int]]:
-    """One optimisation step of every kind's KNOWN on its rows of ``batch``; kind -> (Σ loss, rows)."""
-    x, y, kind = batch["x"].float(), batch["y"].float(), batch["kind"]
+def train_step(models: dict, opts: dict, batch: dict) -> dict[str, tuple[float, float, int]]:
+    """One optimisation step of every kind's KNOWN on its rows of ``batch``; kind -> (Σ loss, Σ beyond ±1, rows)."""
+    x, y, rms, kind = batch["x"].float(), batch["y"].float(), batch["rms"].float(), batch["kind"]
     out = {}
     for k, model in models.items():
         mask = kind == KIND_IDS[k]
         opts[k].zero_grad(set_to_none=True)
         n = int(mask.sum())
         if n:
-            loss = _unwrap(model).loss(x[mask], y[mask], forward=model)
-            out[k] = (loss.item() * n, n)
+            loss, outside = _unwrap(model).loss(x[mask], y[mask], forward=model, rms=rms[mask])
+            out[k] = (loss.item() * n, outside.item() * n, n)
         else:  # every rank must run every model's forward and backward (DDP's allreduce), even
             loss = model(x[:1]).sum() * 0.0  # on a batch without this kind: a zero-weighted pass
         loss.backward()
@@ -136,7 +143,7 @@ def train_loop(cfg: dict) -> None:
     torch.manual_seed(cfg["seed"])
     ctx = ray.train.get_context()
     device = get_device()  # batches arrive on it (CUDA when the worker has a GPU)
-    models = {k: m.to(device) for k, m in registry.fresh(cfg["seed"]).items()}
+    models = {k: m.to(device) for k, m in registry.fresh(cfg["seed"], cfg["inputs"]).items()}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg["lr"]) for k, m in models.items()}
     epoch0, step = 0, 0
     ckpt = ray.train.get_checkpoint()
@@ -158,26 +165,36 @@ def train_loop(cfg: dict) -> None:
             ray.train.report({**metrics, "step": step, "epoch": epoch, "resumed_from_step": resumed_from}, checkpoint=ck)
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    def train_metrics(sums: dict, mixing: list) -> dict:
+        out = {f"train_l1_{k}": s / max(n, 1) for k, (s, _, n) in sums.items()}
+        out |= {f"train_beyond_range_{k}": o / max(n, 1) for k, (_, o, n) in sums.items()}
+        return out | {"sweeps_per_batch": float(np.mean(mixing)) if mixing else 0.0}
+
     for epoch in range(epoch0, cfg["epochs"]):
-        sums = {k: [0.0, 0] for k in PREDICTED_KINDS}
+        sums = {k: [0.0, 0.0, 0] for k in PREDICTED_KINDS}
+        mixing = []  # distinct sweeps in each training batch
         for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                                     local_shuffle_seed=cfg["seed"] + epoch):
-            for k, (loss_sum, n) in train_step(models, opts, batch).items():
-                sums[k][0] += loss_sum
-                sums[k][1] += n
+            for k, got in train_step(models, opts, batch).items():
+                sums[k] = [a + b for a, b in zip(sums[k], got)]
+            mixing.append(len(torch.unique(batch["sweep"])))
             step += 1
             if step % cfg["checkpoint_every"] == 0:
-                report({f"train_l1_{k}": s / max(n, 1) for k, (s, n) in sums.items()}, epoch)
+                report(train_metrics(sums, mixing), epoch)
         errors = ErrorSums()
         with torch.no_grad():
             for batch in val_shard.iter_torch_batches(batch_size=cfg["batch_size"]):
-                x, y, kind = batch["x"].float(), batch["y"].float(), batch["kind"]
+                x, y, rms, kind = batch["x"].float(), batch["y"].float(), batch["rms"].float(), batch["kind"]
                 for k, model in models.items():
                     mask = kind == KIND_IDS[k]
                     if mask.any():
-                        errors.add(k, x[mask], y[mask], _unwrap(model).step(x[mask]))
-        train = {f"train_l1_{k}": s / max(n, 1) for k, (s, n) in sums.items()}
-        report({**train, **errors.metrics()}, epoch + 1)
+                        errors.add(k, x[mask], y[mask], _unwrap(model).step(x[mask], rms[mask]))
+        report({**train_metrics(sums, mixing), **errors.metrics()}, epoch + 1)
+
+
+def training_rows(done: list[dict], keep_unlearned: bool = False) -> list[dict]:
+    """The done catalog rows to meta-train on: a Θ0 that never learned has nothing to forget."""
+    return [r for r in done if keep_unlearned or learned(r["stage_test_acc"][0])]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,6 +206,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of sweeps held out (split by sweep id)")
     p.add_argument("--shuffle-buffer", type=int, default=65536, help="rows in each worker's local shuffle buffer")
+    p.add_argument("--inputs", choices=INPUT_MODES, default="scaled", help="KNOWN's input mode (known.model): raw "
+                   "values (the paper), scaled (centred, divided by the path length) or rms (divided by the tensor's RMS)")
+    p.add_argument("--sweeps-per-block", type=int, default=16, help="sweeps whose windows are permuted together "
+                   "before the shuffle buffer: the batches then mix that many sweeps")
+    p.add_argument("--keep-unlearned", action="store_true", help="also train on sweeps whose Θ0 stayed within "
+                   f"{CHANCE_MARGIN:.0%} of chance (left out by default: nothing learned, nothing to forget)")
     p.add_argument("--bias-repeat", type=int, default=64, help="repeat bias windows this many times in training "
                    "(biases are rare: without it the bias KNOWN sees a few rows per batch)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
@@ -203,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default="known-meta-training", help="MLflow experiment")
     p.add_argument("--no-register", action="store_true", help="do not register the result in the model registry")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "checkpoint_every", "num_workers", "shuffle_buffer", "bias_repeat"):
+    for name in ("epochs", "batch_size", "checkpoint_every", "num_workers", "shuffle_buffer", "bias_repeat", "sweeps_per_block"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.val_fraction < 1:
@@ -215,11 +238,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = [r for r in catalog.read(args.shards) if r["status"] == "done"]
-    val_ids = {r["sweep_id"] for r in rows if is_validation(r["sweep_id"], args.val_fraction)}
+    done = [r for r in catalog.read(args.shards) if r["status"] == "done"]
+    rows = training_rows(done, args.keep_unlearned)
     if not rows:
-        print(f"error: no done sweeps in {args.shards}/{catalog.FILENAME}", file=sys.stderr)
+        print(f"error: no done sweeps{' that learned' if done else ''} in {args.shards}/{catalog.FILENAME}", file=sys.stderr)
         return 2
+    keep = {r["sweep_id"] for r in rows}
+    val_ids = {r["sweep_id"] for r in rows if is_validation(r["sweep_id"], args.val_fraction)}
     if not val_ids or len(val_ids) == len(rows):
         print(f"error: {len(rows)} sweeps cannot be split into train and validation with --val-fraction "
               f"{args.val_fraction}; collect more sweeps or change the fraction", file=sys.stderr)
@@ -237,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         ray.init()
     uri = registry.use_tracking(args.tracking_uri, args.experiment)
 
-    def dataset(keep, repeat=None):
-        return readers.ray_dataset(args.shards, where=lambda r: keep(r["sweep_id"] in val_ids),
+    def dataset(side, repeat=None):
+        return readers.ray_dataset(args.shards, where=lambda r: r["sweep_id"] in keep and side(r["sweep_id"] in val_ids),
                                    shuffle=FileShuffleConfig(seed=args.seed)).map_batches(
-            to_rows, batch_size=1, fn_kwargs={"seed": args.seed, "repeat": repeat})
+            to_rows, batch_size=args.sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
 
     with mlflow.start_run(run_name=args.name) as run:
-        mlflow.log_params({**vars(args), "n_sweeps_train": len(rows) - len(val_ids), "n_sweeps_val": len(val_ids)})
+        mlflow.log_params({**vars(args), "n_sweeps_train": len(rows) - len(val_ids), "n_sweeps_val": len(val_ids),
+                           "n_sweeps_unlearned_left_out": len(done) - len(rows)})
         mlflow.log_text("\n".join(sorted(val_ids)), "validation_sweeps.txt")
-        cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "inputs": args.inputs,
                "shuffle_buffer": args.shuffle_buffer, "checkpoint_every": args.checkpoint_every,
                "tracking_uri": uri, "run_id": run.info.run_id}
         trainer = TorchTrainer(

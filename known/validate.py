@@ -47,7 +47,7 @@ def _rel_l1(pred: dict, target: dict, newest: dict, kinds: dict) -> float:
 
 
 def validate_sweep(sample, methods: dict, settings: data.DataSettings, n_bn: int = 2000) -> list[dict]:
-    spec = SweepSpec.model_validate(sample.record["spec"])
+    spec = SweepSpec.model_validate(sample.record.spec)
     info = data.DATASETS[spec.dataset]
     torch.manual_seed(0)
     model = zoo.build(spec.family, spec.arch, info.channels, info.num_classes)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_sweeps is not None and i >= args.max_sweeps:
             break
         rows += validate_sweep(sample, methods, settings)
-        print(f"validated {sample.key} ({sample.record['spec']['family']}, {sample.record['spec']['dataset']})",
+        print(f"validated {sample.key} ({sample.record.family}, {sample.record.dataset})",
               file=sys.stderr, flush=True)
     if not rows:
         print("error: no sweeps with enough stages to validate", file=sys.stderr)

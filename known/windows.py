@@ -9,10 +9,12 @@ of tensor they belong to (conv / linear / bias), one KNOWN per kind.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from known.model import S
+from known.model import S, segment_rms
 from known.predict import PREDICTED_KINDS
 from meta.shards import Sample
 
@@ -24,22 +26,40 @@ def window_targets(n_stages: int, s: int = S) -> list[int]:
     return list(range(n_stages - s))
 
 
-def sweep_windows(sample: Sample, s: int = S) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """kind -> (x [n, S] least data first, y [n]) over every scalar of that kind and every window."""
-    kinds = {m["name"]: m["kind"] for m in sample.record["tensors"]}
+@dataclass
+class Windows:
+    """One kind's windows of a sweep: x [n, S] least data first, target y [n], and each row's tensor RMS at
+    its most-data input stage (what the ``rms`` input mode divides by)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    rms: np.ndarray
+
+
+def kind_trajectory(sample: Sample, kind: str) -> tuple[np.ndarray, list[int]] | None:
+    """([L, N] float32, stage 0 = most data, every scalar of ``kind`` laid end to end; tensor sizes) or None."""
+    names = [n for n, k in sample.record.kinds.items() if k == kind]
+    if not names:
+        return None
+    flat = [sample.tensors[n].reshape(sample.record.n_stages, -1) for n in names]
+    return np.concatenate(flat, axis=1).astype(np.float32), [f.shape[1] for f in flat]
+
+
+def sweep_windows(sample: Sample, s: int = S) -> dict[str, Windows]:
+    """kind -> its ``Windows`` over every scalar of that kind and every window."""
     out = {}
     for kind in PREDICTED_KINDS:
-        names = [n for n, k in kinds.items() if k == kind]
-        if not names:
+        found = kind_trajectory(sample, kind)
+        if found is None:
             continue
-        traj = np.concatenate([sample.tensors[n].reshape(sample.record["n_stages"], -1) for n in names], axis=1)
-        traj = traj.astype(np.float32)  # [L, N], stage 0 = most data
-        xs, ys = [], []
+        traj, sizes = found  # [L, N], stage 0 = most data
+        xs, ys, rs = [], [], []
         for k in window_targets(traj.shape[0], s):
             xs.append(traj[k + 1 : k + s + 1][::-1].T)  # [N, S]: stage k+S first … k+1 last
             ys.append(traj[k])
+            rs.append(segment_rms(torch.from_numpy(traj[k + 1]), sizes).numpy())
         if xs:
-            out[kind] = (np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys))
+            out[kind] = Windows(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), np.concatenate(rs))
     return out
 
 

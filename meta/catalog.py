@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from meta import storage
+from meta.record import LEGACY_PROTOCOL, SweepRecord
 from meta.shards import ShardInfo
 
 FILENAME = "catalog.parquet"
@@ -42,6 +43,10 @@ SCHEMA = pa.schema(
         ("train_size", _i64),
         ("test_size", _i64),
         ("seed", _i64),
+        ("stage_init", _str),  # the forgetting protocol (collectors.config.LEGACY_PROTOCOL: the values before
+        ("schedule", _str),  # these columns existed, which a catalog without them reads as)
+        ("optimizer_state", _str),
+        ("augment", _str),
         ("n_params", _i64),
         ("stage_size", pa.list_(_i64)),
         ("stage_train_loss", pa.list_(_f64)),
@@ -62,21 +67,24 @@ def _now() -> str:
 def _spec_columns(spec: dict) -> dict:
     cols = {k: spec.get(k) for k in ("family", "dataset", "r", "lr", "batch_size", "optimizer", "pretrain_epochs",
                                      "n_stages", "stage_epochs", "train_size", "test_size", "seed")}
+    cols |= {k: spec.get(k, v) for k, v in LEGACY_PROTOCOL.items()}
     return {**cols, "arch": json.dumps(spec.get("arch"), sort_keys=True), "spec": json.dumps(spec, sort_keys=True)}
 
 
-def done_row(record: dict, shard: ShardInfo, attempts: int = 1) -> dict:
-    stages = record["stages"]
+def done_row(record: SweepRecord | dict, shard: ShardInfo, attempts: int = 1) -> dict:
+    """The catalog row of a sweep published in ``shard`` (a worker's record arrives as a plain dict)."""
+    record = SweepRecord.model_validate(record)
+    stages = record.stages
     return {
-        "sweep_id": record["sweep_id"], "status": "done", "error": None, "attempts": attempts,
-        "shard": shard.name, "shard_sha256": shard.sha256, **_spec_columns(record["spec"]),
-        "n_params": record["n_params"],
-        "stage_size": [s["subset_size"] for s in stages],
-        "stage_train_loss": [s["train_loss"] for s in stages],
-        "stage_train_acc": [s["train_acc"] for s in stages],
-        "stage_test_acc": [s["test_acc"] for s in stages],
-        "stage_wall_s": [s["wall_s"] for s in stages],
-        "wall_s": record["wall_s"], "finished_at": _now(),
+        "sweep_id": record.sweep_id, "status": "done", "error": None, "attempts": attempts,
+        "shard": shard.name, "shard_sha256": shard.sha256, **_spec_columns(record.spec),
+        "n_params": record.n_params,
+        "stage_size": [s.subset_size for s in stages],
+        "stage_train_loss": [s.train_loss for s in stages],
+        "stage_train_acc": [s.train_acc for s in stages],
+        "stage_test_acc": [s.test_acc for s in stages],
+        "stage_wall_s": [s.wall_s for s in stages],
+        "wall_s": record.wall_s, "finished_at": _now(),
     }
 
 
@@ -92,7 +100,7 @@ def read(root: str) -> list[dict]:
     if not storage.exists(fs, p):
         return []
     table = pq.read_table(p, filesystem=fs)
-    return table.to_pylist()
+    return [{**LEGACY_PROTOCOL, **row} if "stage_init" not in row else row for row in table.to_pylist()]
 
 
 def write(root: str, rows: Iterable[dict]) -> None:

@@ -23,9 +23,10 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from meta import storage
+from pydantic import ValidationError
 
-FORMAT_VERSION = 1
+from meta import storage
+from meta.record import FORMAT_VERSION, SweepRecord
 MEMBERS = ("json", "safetensors")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -37,7 +38,7 @@ class ShardError(ValueError):
 @dataclass
 class Sample:
     key: str
-    record: dict
+    record: SweepRecord
     tensors: dict[str, np.ndarray]
 
 
@@ -76,16 +77,19 @@ def decode_sample(raw: dict, shard: str = "?") -> Sample:
     if not isinstance(record, dict) or record.get("sweep_id") != key or record.get("format") != FORMAT_VERSION:
         raise ShardError(f"shard {shard}: sample {key!r} has a record that is not a format-{FORMAT_VERSION} sweep record")
     try:
+        record = SweepRecord.model_validate(record)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ShardError(f"shard {shard}: sample {key!r}: record field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    try:
         tensors = safetensors.numpy.load(bytes(raw["safetensors"]))
     except Exception as e:  # safetensors raises its own error type on garbage
         raise ShardError(f"shard {shard}: sample {key!r} has unreadable tensors: {e}") from e
-    meta = record.get("tensors")
-    if (not isinstance(meta, list) or not all(isinstance(m, dict) and isinstance(m.get("shape"), list) for m in meta)
-            or {m.get("name") for m in meta} != set(tensors) or not isinstance(record.get("n_stages"), int)):
+    if {m.name for m in record.tensors} != set(tensors):
         raise ShardError(f"shard {shard}: sample {key!r}: tensor list in the record does not match the tensors")
-    for m in meta:
-        if list(tensors[m["name"]].shape) != [record["n_stages"], *m["shape"]]:
-            raise ShardError(f"shard {shard}: sample {key!r}: tensor {m['name']} has shape {tensors[m['name']].shape}")
+    for m in record.tensors:
+        if list(tensors[m.name].shape) != [record.n_stages, *m.shape]:
+            raise ShardError(f"shard {shard}: sample {key!r}: tensor {m.name} has shape {tensors[m.name].shape}")
     return Sample(key, record, tensors)
 
 

@@ -13,12 +13,41 @@ def test_known_has_the_papers_9425_parameters():
 
 def test_known_output_is_a_bounded_residual_on_the_most_data_value():
     torch.manual_seed(0)
-    raw, scaled = KNOWN(scaled=False), KNOWN()
+    raw, scaled, rms_model = KNOWN(inputs="raw"), KNOWN(), KNOWN(inputs="rms")
     w = torch.randn(100, 5) * 10
+    rms = torch.rand(100) + 0.1
     with torch.no_grad():
         assert ((raw.step(w) - w[:, -1]).abs() <= 1 + 1e-5).all()  # the official form: tanh residual
         path = (w[:, 1:] - w[:, :-1]).abs().sum(1)
         assert ((scaled.step(w) - w[:, -1]).abs() <= path * (1 + 1e-6)).all()
+        # (float32 rounding of centre + rms·1 − centre: up to ~1e-6 of the centre's magnitude)
+        assert ((rms_model.step(w, rms) - w[:, -1]).abs() <= rms + 1e-6 * w[:, -1].abs() + 1e-7).all()
+    with pytest.raises(ValueError, match="RMS"):
+        rms_model.step(w)
+    with pytest.raises(ValueError, match="'centred'"):
+        KNOWN(inputs="centred")
+
+
+def test_rms_known_sees_magnitude_so_it_can_shrink_and_is_scale_equivariant():
+    """rms inputs: step(a·w, a·rms) = a·step(w, rms) (any layer scale), but not translation-invariant: a
+    weight that never moved at v and one at -v can get opposite updates — a shrink towards zero."""
+    torch.manual_seed(0)
+    m = KNOWN(inputs="rms").double()
+    w = torch.randn(64, 5, dtype=torch.float64)
+    rms = torch.rand(64, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        assert torch.allclose(m.step(3e-3 * w, 3e-3 * rms), 3e-3 * m.step(w, rms), atol=1e-12)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    frozen = torch.linspace(-1, 1, 41, dtype=torch.float64)[:, None].repeat(1, 5)
+    one = torch.ones(41, dtype=torch.float64)
+    for _ in range(300):  # learn "shrink by 20%" on weights that never moved
+        opt.zero_grad()
+        loss, beyond = m.loss(frozen, 0.8 * frozen[:, -1], rms=one)
+        loss.backward()
+        opt.step()
+    assert beyond.item() == 0.0 and loss.item() < 0.02
+    with torch.no_grad():
+        assert torch.allclose(m.step(frozen, one), 0.8 * frozen[:, -1], atol=0.03)
 
 
 def test_scaled_known_is_affine_equivariant_and_still_on_weights_that_never_moved():
@@ -33,8 +62,9 @@ def test_scaled_known_is_affine_equivariant_and_still_on_weights_that_never_move
         assert torch.allclose(m.step(3e-3 * w + 0.7), 3e-3 * m.step(w) + 0.7, atol=1e-9)
         frozen = torch.full((4, 5), 0.25, dtype=torch.float64)
         assert torch.allclose(m.step(frozen), frozen[:, -1], rtol=0, atol=1e-11)  # moves by < TINY
-        # a target far beyond tanh's reach is clipped in the loss, which stays finite and <= 2
-        assert m.loss(frozen, frozen[:, -1] + 1.0).item() <= 2.0
+        # a target far beyond tanh's reach is clipped in the loss, which stays finite and <= 2, and counted
+        loss, beyond = m.loss(frozen, frozen[:, -1] + 1.0)
+        assert loss.item() <= 2.0 and beyond.item() == 1.0
 
 
 @pytest.mark.parametrize("method", baselines.METHODS)
@@ -208,13 +238,13 @@ def test_saved_known_keeps_its_input_mode(tmp_path):
     from known import registry
 
     torch.manual_seed(1)
-    models = {"conv": KNOWN(), "linear": KNOWN(scaled=False), "bias": KNOWN()}
+    models = {"conv": KNOWN(), "linear": KNOWN(inputs="raw"), "bias": KNOWN(inputs="rms")}
     got = registry.load_dir(registry.save_dir(models, tmp_path))
-    w = torch.randn(20, 5)
+    w, rms = torch.randn(20, 5), torch.rand(20) + 0.1
     for k, m in models.items():
-        assert got[k].scaled == m.scaled
+        assert got[k].inputs == m.inputs
         with torch.no_grad():
-            assert torch.equal(got[k].step(w), m.step(w))
+            assert torch.equal(got[k].step(w, rms), m.step(w, rms))
 
 
 def test_ship_writes_weights_then_provenance_and_load_finds_them(tmp_path, monkeypatch):

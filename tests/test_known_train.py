@@ -25,26 +25,36 @@ def meta_root(ray_local, settings, tmp_path_factory):
 
 def test_windows_take_s_stages_least_data_first_and_the_next_stage_as_target(meta_root):
     sample = next(readers.iter_sweeps(str(meta_root)))
-    L = sample.record["n_stages"]
+    L = sample.record.n_stages
     assert window_targets(L) == [0, 1]
     wins = sweep_windows(sample)
-    conv = [m["name"] for m in sample.record["tensors"] if m["kind"] == "conv"]
+    conv = [n for n, k in sample.record.kinds.items() if k == "conv"]
     first = sample.tensors[conv[0]].reshape(L, -1)
-    x, y = wins["conv"]
+    x, y = wins["conv"].x, wins["conv"].y
     n = sum(sample.tensors[c][0].size for c in conv)
+    # each row's tensor RMS at its window's most-data input stage (stage 1 for window 0)
+    assert wins["conv"].rms[0] == pytest.approx(float((first[1] ** 2).mean() ** 0.5), rel=1e-5)
     assert x.shape == (2 * n, 5) and y.shape == (2 * n,)
     # window k=0: inputs stages 5,4,3,2,1 (least data first), target stage 0; k=1: stages 6..2 -> stage 1
     assert (x[0] == first[[5, 4, 3, 2, 1], 0]).all() and y[0] == first[0, 0]
     assert (x[n] == first[[6, 5, 4, 3, 2], 0]).all() and y[n] == first[1, 0]
-    rows = train.to_rows({"sweep_id": [sample.key], "json": [json.dumps(sample.record).encode()],
+    rows = train.to_rows({"sweep_id": [sample.key], "json": [sample.record.model_dump_json().encode()],
                           "safetensors": [_safetensors(sample)]})
-    assert len(rows["y"]) == sum(len(v[1]) for v in wins.values()) and rows["x"].shape[1] == 5
+    assert len(rows["y"]) == sum(len(w.y) for w in wins.values()) and rows["x"].shape[1] == 5
+    assert set(rows) == {"x", "y", "rms", "kind", "sweep"} and len(set(rows["sweep"].tolist())) == 1
 
 
 def _safetensors(sample) -> bytes:
     import safetensors.numpy
 
     return safetensors.numpy.save(sample.tensors)
+
+
+def test_sweeps_that_never_learned_are_left_out_unless_kept():
+    rows = [{"sweep_id": "a", "stage_test_acc": [0.91, 0.9]}, {"sweep_id": "b", "stage_test_acc": [0.14, 0.2]},
+            {"sweep_id": "c", "stage_test_acc": [0.16, 0.1]}]  # chance is 0.10; the margin 0.05
+    assert [r["sweep_id"] for r in train.training_rows(rows)] == ["a", "c"]
+    assert len(train.training_rows(rows, keep_unlearned=True)) == 3
 
 
 def test_split_is_by_sweep_and_deterministic():
@@ -57,7 +67,7 @@ def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = ["--shards", str(meta_root), "--batch-size", "4096", "--checkpoint-every", "5", "--val-fraction", "0.34",
-            "--storage", str(tmp_path / "train"), "--tracking-uri", uri]
+            "--storage", str(tmp_path / "train"), "--tracking-uri", uri, "--keep-unlearned"]  # 1-epoch fake sweeps
     assert train.main([*base, "--epochs", "1", "--name", "run"]) == 0
     out = capsys.readouterr().out
     first = json.loads(out[out.index("{"): out.index("}") + 1])
@@ -127,7 +137,7 @@ def _train_cmd(meta_root, tmp_path, name, epochs=2):
 
     return [sys.executable, "-m", "known.train", "--shards", str(meta_root), "--epochs", str(epochs), "--batch-size", "1024",
             "--checkpoint-every", "4", "--val-fraction", "0.34", "--storage", str(tmp_path / "train"), "--name", name,
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-register"]
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-register", "--keep-unlearned"]
 
 
 def _final(stdout: str) -> dict:
@@ -178,6 +188,6 @@ def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
     again = registry.fresh(2)
     assert train.restore(again, {k: torch.optim.Adam(m.parameters()) for k, m in again.items()}, str(tmp_path)) == (2, 37)
     assert all(torch.equal(again["conv"].state_dict()[n], t) for n, t in models["conv"].state_dict().items())
-    raw = {k: KNOWN(scaled=False) for k in models}  # a checkpoint of the official (raw-input) kind
-    with pytest.raises(ValueError, match="scaled=True"):
+    raw = {k: KNOWN(inputs="raw") for k in models}  # a checkpoint of the official (raw-input) kind
+    with pytest.raises(ValueError, match="inputs='scaled'"):
         train.restore(raw, {k: torch.optim.Adam(m.parameters()) for k, m in raw.items()}, str(tmp_path))

@@ -13,7 +13,10 @@ from meta.shards import FORMAT_VERSION, ShardError, ShardWriter, decode_sample, 
 def _sample(key: str, n_stages: int = 3, numel: int = 1000) -> dict:
     tensors = {"w": torch.randn(n_stages, numel), "n": torch.arange(n_stages, dtype=torch.int64)}
     record = {
-        "format": FORMAT_VERSION, "sweep_id": key, "n_stages": n_stages,
+        "format": FORMAT_VERSION, "sweep_id": key, "n_stages": n_stages, "spec": {"family": "cnn", "dataset": "mnist"},
+        "n_params": numel, "wall_s": 1.0, "versions": {"torch": torch.__version__},
+        "stages": [{"stage": k, "subset_size": 100 >> k, "steps": 4, "train_loss": 1.0, "train_acc": 0.5,
+                    "test_loss": 1.0, "test_acc": 0.5, "wall_s": 0.1} for k in range(n_stages)],
         "tensors": [{"name": "w", "shape": [numel], "dtype": "float32", "kind": "linear"},
                     {"name": "n", "shape": [], "dtype": "int64", "kind": "buffer"}],
     }

@@ -1,0 +1,290 @@
+"""How much per-coordinate signal a meta-dataset carries: can anything predict a stage from the five after it?
+
+    python -m meta.predictability runs/protocols/today runs/protocols/long-cosine … --out docs/predictability.md
+
+For every sweep and kind (conv / linear / bias), over the windows KNOWN trains on (inputs Θk+5 … Θk+1,
+target Θk), the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| of:
+- keep-newest (1.0 by definition), TaskVector and LinearFit (``known.baselines``), any KNOWN given;
+- two *in-sample oracles*, least-squares fitted to the sweep's own targets (ceilings of per-coordinate linear
+  rules, not predictors): ``oracle-Δ`` = newest + β·(the 4 differences) — translation-invariant, what a
+  centred input can express — and ``oracle`` = β·(the 5 values), which can also shrink towards zero.
+Beside them: the mean cosine between successive stage updates (Θk − Θk+1 vs Θk+1 − Θk+2; ≈ 0 = noise),
+the fraction of targets beyond the ±1 a KNOWN can output in each input mode, and the source test loss and
+accuracy by stage (does forgetting show?). Sweeps whose Θ0 never learned (test accuracy within
+``CHANCE_MARGIN`` of chance) are counted and left out unless ``--keep-unlearned``. Each root is one
+protocol (labelled by its folder name); the report goes to stdout or ``--out`` and to an MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meta import catalog, readers, storage
+from meta.shards import Sample
+
+log = logging.getLogger(__name__)
+KINDS = ("conv", "linear", "bias")
+PREDICTORS = ("taskvector", "linearfit", "oracle-Δ", "oracle")
+TINY = 1e-12
+
+
+class PredictabilityError(ValueError):
+    """Input the report cannot be made from; the message names it."""
+
+
+@dataclass
+class KindStats:
+    """Error sums of one kind of one sweep (ratios are taken after pooling sweeps)."""
+
+    n: int = 0
+    step: float = 0.0  # Σ|Θk+1 − Θk|: keep-newest's error, the denominator
+    errors: dict[str, float] = field(default_factory=dict)  # predictor -> Σ|Θ̂k − Θk|
+    beyond: dict[str, float] = field(default_factory=dict)  # input mode -> targets beyond ±1 (count)
+    cosine: float = float("nan")  # mean cosine between successive stage updates
+
+    def add(self, other: KindStats) -> None:
+        self.n += other.n
+        self.step += other.step
+        for d, o in ((self.errors, other.errors), (self.beyond, other.beyond)):
+            for k, v in o.items():
+                d[k] = d.get(k, 0.0) + v
+
+
+@dataclass
+class SweepStats:
+    sweep_id: str
+    label: str
+    family: str
+    dataset: str
+    learned: bool
+    test_acc: list[float]
+    test_loss: list[float]
+    kinds: dict[str, KindStats]
+
+
+def _oracle_errors(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Σ|error| of the two least-squares oracles fitted in sample (float64 normal equations)."""
+    newest = x[:, -1]
+    d = x[:, 1:] - x[:, :-1]
+    out = {}
+    for name, feats, base in (("oracle-Δ", d, newest), ("oracle", x, torch.zeros_like(newest))):
+        beta = torch.linalg.lstsq(feats, (y - base)[:, None]).solution
+        out[name] = (base + (feats @ beta)[:, 0] - y).abs().sum().item()
+    return out
+
+
+def _successive_cosine(traj: np.ndarray) -> float:
+    """Mean cosine between u_k = Θk − Θk+1 and u_k+1 over a kind's trajectory [L, N]."""
+    u = torch.from_numpy(traj[:-1] - traj[1:]).double()
+    cos = torch.nn.functional.cosine_similarity(u[:-1], u[1:], dim=1, eps=TINY)
+    return cos.mean().item()
+
+
+def kind_stats(windows, traj: np.ndarray, knowns: dict) -> KindStats:
+    """Every number of one kind of one sweep (``windows``: ``known.windows.Windows``)."""
+    from known import baselines
+
+    x, y, rms = (torch.from_numpy(a).double() for a in (windows.x, windows.y, windows.rms))
+    newest, gap = x[:, -1], (y - x[:, -1]).abs()
+    st = KindStats(n=len(y), step=gap.sum().item(), cosine=_successive_cosine(traj))
+    st.errors = {m: (baselines.predict(m, x) - y).abs().sum().item() for m in ("taskvector", "linearfit")}
+    st.errors |= _oracle_errors(x, y)
+    with torch.inference_mode():
+        for label, model in knowns.items():
+            st.errors[label] = (model.step(x.float(), rms.float()).double() - y).abs().sum().item()
+    path = (x[:, 1:] - x[:, :-1]).abs().sum(1)
+    scales = {"raw": torch.ones_like(newest), "scaled": path + TINY, "rms": rms + TINY}  # known.model's input modes
+    st.beyond = {mode: (gap / s > 1).sum().item() for mode, s in scales.items()}
+    return st
+
+
+def sweep_stats(sample: Sample, label: str, knowns: dict[str, dict]) -> SweepStats:
+    """Every number of one sweep; ``knowns``: name -> {kind: KNOWN}."""
+    from known.windows import kind_trajectory, sweep_windows
+
+    rec = sample.record
+    kinds = {}
+    for kind, w in sweep_windows(sample).items():
+        traj, _ = kind_trajectory(sample, kind)
+        kinds[kind] = kind_stats(w, traj, {name: m[kind] for name, m in knowns.items()})
+    return SweepStats(sample.key, label, rec.family, rec.dataset, rec.learned(),
+                      [s.test_acc for s in rec.stages], [s.test_loss for s in rec.stages], kinds)
+
+
+def collect_stats(roots: dict[str, str], knowns: dict[str, dict]) -> list[SweepStats]:
+    """Stats of every done sweep under each root (label -> root), with a progress line per sweep."""
+    from tqdm import tqdm
+
+    out = []
+    for label, root in roots.items():
+        for sample in tqdm(readers.iter_sweeps(root), desc=label, unit="sweep", file=sys.stderr):
+            out.append(sweep_stats(sample, label, knowns))
+    return out
+
+
+def pooled(stats: list[SweepStats], kinds=KINDS) -> KindStats:
+    total = KindStats()
+    for s in stats:
+        for k in kinds:
+            if k in s.kinds:
+                total.add(s.kinds[k])
+    return total
+
+
+def _ratio(st: KindStats, predictor: str) -> float:
+    return st.errors.get(predictor, float("nan")) / st.step if st.step else float("nan")
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v == v]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "—" if v != v else f"{v:.{digits}f}"
+
+
+def summary(stats: list[SweepStats], knowns: list[str], keep_unlearned: bool = False) -> dict:
+    """Nested numbers the tables and MLflow are made from: label -> kind -> metric -> value."""
+    by_label: dict[str, list[SweepStats]] = defaultdict(list)
+    for s in stats:
+        by_label[s.label].append(s)
+    out = {}
+    for label, group in by_label.items():
+        used = [s for s in group if s.learned or keep_unlearned]
+        entry = {"sweeps": len(group), "unlearned": len(group) - len(used)}
+        for kind in (*KINDS, "all"):
+            st = pooled(used, KINDS if kind == "all" else (kind,))
+            if not st.n:
+                continue
+            entry[kind] = {p: _ratio(st, p) for p in (*PREDICTORS, *knowns)}
+            entry[kind] |= {f"beyond_{m}": v / st.n for m, v in st.beyond.items()}
+            entry[kind]["cosine"] = _mean(s.kinds[kind].cosine for s in used if kind in s.kinds) if kind != "all" else float("nan")
+            entry[kind]["windows"] = st.n
+        accs, losses = [s.test_acc for s in used], [s.test_loss for s in used]
+        entry["test_acc"] = [_mean(a[i] for a in accs if i < len(a)) for i in range(max(map(len, accs), default=0))]
+        entry["test_loss"] = [_mean(a[i] for a in losses if i < len(a)) for i in range(max(map(len, losses), default=0))]
+        entry["forgetting_sweeps"] = sum(a[-1] < a[0] for a in accs)
+        entry["used"] = len(used)
+        out[label] = entry
+    return out
+
+
+def render(stats: list[SweepStats], knowns: list[str], command: str, keep_unlearned: bool = False) -> str:
+    """The markdown report: predictability per protocol and kind, forgetting, and the family × dataset grid."""
+    from dataclasses import replace
+
+    main = summary(stats, knowns, keep_unlearned)
+    cols = ["TaskVector", "LinearFit", "oracle-Δ", "oracle", *knowns]
+    lines = [f"Regenerate: `{command}`", "",
+             "### Relative L1 of predicting Θk from Θk+1…Θk+5 (pooled over the learned sweeps; keep-newest = 1)", "",
+             "| protocol | kind | sweeps (unlearned) | windows | " + " | ".join(cols)
+             + " | cos(Δk, Δk+1) | beyond ±1: raw / scaled / rms |",
+             "|" + "---|" * (6 + len(cols))]
+    for label, e in main.items():
+        for kind in (*KINDS, "all"):
+            if kind not in e:
+                continue
+            m = e[kind]
+            vals = " | ".join(_f(m[p]) for p in (*PREDICTORS, *knowns))
+            beyond = " / ".join(f"{m[f'beyond_{x}']:.1%}" for x in ("raw", "scaled", "rms"))
+            lines.append(f"| {label} | {kind} | {e['used']} ({e['unlearned']}) | {m['windows']:,} | {vals} | "
+                         f"{_f(m['cosine'], 2)} | {beyond} |")
+    lines += ["", "### Does forgetting show? Source test accuracy and loss by stage (mean over learned sweeps)", "",
+              "| protocol | test acc Θ0 → Θlast (by stage) | test loss Θ0 → Θlast | sweeps whose accuracy fell |", "|---|---|---|---|"]
+    for label, e in main.items():
+        acc = " → ".join(f"{a:.3f}" for a in e["test_acc"])
+        loss = f"{_f(e['test_loss'][0])} → {_f(e['test_loss'][-1])}" if e["test_loss"] else "—"
+        lines.append(f"| {label} | {acc} | {loss} | {e['forgetting_sweeps']} of {e['used']} |")
+    grid = summary([replace(s, label=f"{s.label} | {s.family} | {s.dataset}") for s in stats], knowns, keep_unlearned)
+    lines += ["", "### By family × dataset (conv kernels)", "",
+              "| protocol | family | dataset | sweeps (unlearned) | TaskVector | oracle-Δ | oracle | cos | test acc Θ0 → Θlast |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for label, e in sorted(grid.items()):
+        m = e.get("conv")
+        acc = f"{e['test_acc'][0]:.3f} → {e['test_acc'][-1]:.3f}" if e["test_acc"] else "—"
+        cells = " | ".join(_f(m[p]) for p in ("taskvector", "oracle-Δ", "oracle")) + f" | {_f(m['cosine'], 2)}" if m else "— | — | — | —"
+        lines.append(f"| {label} | {e['used']} ({e['unlearned']}) | {cells} | {acc} |")
+    return "\n".join(lines) + "\n"
+
+
+def log_to_mlflow(numbers: dict, report: str, roots: dict[str, str], tracking: str | None) -> str:
+    """One MLflow run with every number as a metric (``<protocol>.<kind>.<predictor>``) and the report."""
+    import mlflow
+
+    from known.registry import use_tracking
+
+    use_tracking(tracking, "predictability")
+    with mlflow.start_run(run_name="predictability") as run:
+        mlflow.log_params({f"root.{label}": root for label, root in roots.items()})
+        metrics = {f"{label}.{kind}.{name}": v for label, e in numbers.items() for kind in (*KINDS, "all") if kind in e
+                   for name, v in e[kind].items() if v == v}
+        mlflow.log_metrics({k.replace("Δ", "delta"): float(v) for k, v in metrics.items()})
+        mlflow.log_text(report, "predictability.md")
+        mlflow.log_text(json.dumps(numbers, indent=1), "predictability.json")
+        return run.info.run_id
+
+
+def _load_knowns(specs: list[str]) -> dict[str, dict]:
+    """name -> models for each ``--known`` (``models:/…``, a folder, or ``shipped``)."""
+    from known import registry
+
+    out = {}
+    for spec in specs:
+        try:
+            out[f"KNOWN {spec}"] = registry.load(None if spec == "shipped" else spec)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise PredictabilityError(f"--known {spec}: {e}") from e
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meta.predictability", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("roots", nargs="+", help="meta-dataset folders or URIs, one per protocol (labelled by folder name)")
+    p.add_argument("--out", default=None, help="write the markdown report here (default: stdout)")
+    p.add_argument("--json", default=None, help="also write the numbers as JSON")
+    p.add_argument("--known", nargs="*", default=[], help="KNOWNs to score too: models:/KNOWN@champion, a folder, or 'shipped'")
+    p.add_argument("--keep-unlearned", action="store_true", help="count sweeps whose Θ0 never learned too")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        roots = {Path(storage.resolve(r)[1].rstrip("/")).name or r: r for r in args.roots}
+        if len(roots) != len(args.roots):
+            raise PredictabilityError(f"roots {args.roots} do not have distinct folder names (they label the protocols)")
+        missing = [r for r in args.roots if not catalog.read(r)]
+        if missing:
+            raise PredictabilityError(f"no catalog with sweeps under {missing}")
+        knowns = _load_knowns(args.known)
+    except (PredictabilityError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stats = collect_stats(roots, knowns)
+    command = "python -m meta.predictability " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    report = render(stats, list(knowns), command, args.keep_unlearned)
+    numbers = summary(stats, list(knowns), args.keep_unlearned)
+    for path, text in ((args.out, report), (args.json, json.dumps(numbers, indent=1))):
+        if path:
+            storage.write_atomic(*storage.resolve(path), text.encode())
+    if not args.out:
+        print(report)
+    if not args.no_mlflow:
+        log.info("logged to MLflow run %s", log_to_mlflow(numbers, report, roots, args.tracking_uri))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
