@@ -197,6 +197,14 @@ def training_rows(done: list[dict], keep_unlearned: bool = False) -> list[dict]:
     return [r for r in done if keep_unlearned or learned(r["stage_test_acc"][0])]
 
 
+def split(rows: list[dict], val_fraction: float, train_fraction: float = 1.0) -> tuple[set[str], set[str]]:
+    """(train ids, validation ids). ``train_fraction`` keeps a nested, deterministic part of the training
+    sweeps (a size curve: ¼ ⊂ ½ ⊂ all) and never changes the validation sweeps."""
+    val = {r["sweep_id"] for r in rows if is_validation(r["sweep_id"], val_fraction)}
+    train = {r["sweep_id"] for r in rows if r["sweep_id"] not in val and is_validation("train:" + r["sweep_id"], train_fraction)}
+    return train, val
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m known.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8192, help="scalar windows per optimisation step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of sweeps held out (split by sweep id)")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="train on this nested part of the training "
+                   "sweeps (size curves; the validation sweeps stay the same)")
     p.add_argument("--shuffle-buffer", type=int, default=65536, help="rows in each worker's local shuffle buffer")
     p.add_argument("--inputs", choices=INPUT_MODES, default="scaled", help="KNOWN's input mode (known.model): raw "
                    "values (the paper), scaled (centred, divided by the path length) or rms (divided by the tensor's RMS)")
@@ -231,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if not 0 < args.train_fraction <= 1:
+        p.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.lr <= 0:
         p.error(f"--lr must be > 0, got {args.lr}")
     return args
@@ -243,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: no done sweeps{' that learned' if done else ''} in {args.shards}/{catalog.FILENAME}", file=sys.stderr)
         return 2
-    keep = {r["sweep_id"] for r in rows}
-    val_ids = {r["sweep_id"] for r in rows if is_validation(r["sweep_id"], args.val_fraction)}
-    if not val_ids or len(val_ids) == len(rows):
+    train_ids, val_ids = split(rows, args.val_fraction, args.train_fraction)
+    if not val_ids or not train_ids:
         print(f"error: {len(rows)} sweeps cannot be split into train and validation with --val-fraction "
-              f"{args.val_fraction}; collect more sweeps or change the fraction", file=sys.stderr)
+              f"{args.val_fraction} and --train-fraction {args.train_fraction}; collect more sweeps or change the "
+              "fractions", file=sys.stderr)
         return 2
 
     import mlflow
@@ -262,13 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.init()
     uri = registry.use_tracking(args.tracking_uri, args.experiment)
 
-    def dataset(side, repeat=None):
-        return readers.ray_dataset(args.shards, where=lambda r: r["sweep_id"] in keep and side(r["sweep_id"] in val_ids),
+    def dataset(ids, repeat=None):
+        return readers.ray_dataset(args.shards, where=lambda r: r["sweep_id"] in ids,
                                    shuffle=FileShuffleConfig(seed=args.seed)).map_batches(
             to_rows, batch_size=args.sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
 
     with mlflow.start_run(run_name=args.name) as run:
-        mlflow.log_params({**vars(args), "n_sweeps_train": len(rows) - len(val_ids), "n_sweeps_val": len(val_ids),
+        mlflow.log_params({**vars(args), "n_sweeps_train": len(train_ids), "n_sweeps_val": len(val_ids),
                            "n_sweeps_unlearned_left_out": len(done) - len(rows)})
         mlflow.log_text("\n".join(sorted(val_ids)), "validation_sweeps.txt")
         cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "inputs": args.inputs,
@@ -279,15 +291,16 @@ def main(argv: list[str] | None = None) -> int:
             train_loop_config=cfg,
             scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=torch.cuda.is_available(),
                                          resources_per_worker={"CPU": args.cpus_per_worker}),
-            datasets={"train": dataset(lambda is_val: not is_val, {"bias": args.bias_repeat}),
-                      "val": dataset(lambda is_val: is_val)},  # validation counts every scalar once
+            datasets={"train": dataset(train_ids, {"bias": args.bias_repeat}),
+                      "val": dataset(val_ids)},  # validation counts every scalar once
             dataset_config=DataConfig(datasets_to_split=["train"]),
             run_config=RunConfig(name=args.name, storage_path=storage.normalize(args.storage),
                                  failure_config=FailureConfig(max_failures=args.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         result = trainer.fit()
-        final = {k: v for k, v in result.metrics.items() if k.startswith("val_") or k in ("step", "resumed_from_step")}
+        final = {k: v for k, v in result.metrics.items()
+                 if k.startswith(("val_", "train_beyond_range_")) or k in ("step", "resumed_from_step", "sweeps_per_batch")}
         with result.checkpoint.as_directory() as d:
             models = registry.load_dir(d)
             mlflow.log_artifacts(d, artifact_path="checkpoint")

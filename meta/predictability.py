@@ -5,9 +5,10 @@
 For every sweep and kind (conv / linear / bias), over the windows KNOWN trains on (inputs Θk+5 … Θk+1,
 target Θk), the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| of:
 - keep-newest (1.0 by definition), TaskVector and LinearFit (``known.baselines``), any KNOWN given;
-- two *in-sample oracles*, least-squares fitted to the sweep's own targets (ceilings of per-coordinate linear
-  rules, not predictors): ``oracle-Δ`` = newest + β·(the 4 differences) — translation-invariant, what a
-  centred input can express — and ``oracle`` = β·(the 5 values), which can also shrink towards zero.
+- two *in-sample oracles*, fitted (in L1) to the sweep's own targets, per sweep and kind (ceilings of
+  per-coordinate linear rules, not predictors): ``oracle-Δ`` = newest + β·(the 4 differences) —
+  translation-invariant, what a centred input can express — and ``oracle`` = β·(the 5 values), which can
+  also shrink towards zero.
 Beside them: the mean cosine between successive stage updates (Θk − Θk+1 vs Θk+1 − Θk+2; ≈ 0 = noise),
 the fraction of targets beyond the ±1 a KNOWN can output in each input mode, and the source test loss and
 accuracy by stage (does forgetting show?). Sweeps whose Θ0 never learned (test accuracy within
@@ -73,13 +74,25 @@ class SweepStats:
     kinds: dict[str, KindStats]
 
 
+def _l1_fit(feats: torch.Tensor, target: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """Least-absolute-deviation coefficients (iteratively reweighted least squares from the L2 fit): the
+    oracles are scored in L1, so they are fitted in L1 too, and the wider one can never score worse."""
+    beta = torch.linalg.lstsq(feats, target[:, None]).solution
+    eps = 1e-6 * target.abs().mean().clamp_min(TINY)
+    for _ in range(iters):
+        wts = 1 / (target - (feats @ beta)[:, 0]).abs().clamp_min(eps)
+        fw = feats * wts[:, None]
+        beta = torch.linalg.solve(fw.T @ feats + TINY * torch.eye(feats.shape[1], dtype=feats.dtype), fw.T @ target[:, None])
+    return beta
+
+
 def _oracle_errors(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Σ|error| of the two least-squares oracles fitted in sample (float64 normal equations)."""
+    """Σ|error| of the two oracles fitted in sample (float64)."""
     newest = x[:, -1]
     d = x[:, 1:] - x[:, :-1]
     out = {}
     for name, feats, base in (("oracle-Δ", d, newest), ("oracle", x, torch.zeros_like(newest))):
-        beta = torch.linalg.lstsq(feats, (y - base)[:, None]).solution
+        beta = _l1_fit(feats, y - base)
         out[name] = (base + (feats @ beta)[:, 0] - y).abs().sum().item()
     return out
 
@@ -122,13 +135,17 @@ def sweep_stats(sample: Sample, label: str, knowns: dict[str, dict]) -> SweepSta
                       [s.test_acc for s in rec.stages], [s.test_loss for s in rec.stages], kinds)
 
 
-def collect_stats(roots: dict[str, str], knowns: dict[str, dict]) -> list[SweepStats]:
-    """Stats of every done sweep under each root (label -> root), with a progress line per sweep."""
+def collect_stats(roots: dict[str, str], knowns: dict[str, dict], val_fraction: float | None = None) -> list[SweepStats]:
+    """Stats of every done sweep under each root (label -> root), with a progress line per sweep; with
+    ``val_fraction``, only the sweeps ``known.train`` holds out at that fraction (KNOWNs scored on unseen sweeps)."""
     from tqdm import tqdm
 
+    from known.windows import is_validation
+
+    where = None if val_fraction is None else (lambda row: is_validation(row["sweep_id"], val_fraction))
     out = []
     for label, root in roots.items():
-        for sample in tqdm(readers.iter_sweeps(root), desc=label, unit="sweep", file=sys.stderr):
+        for sample in tqdm(readers.iter_sweeps(root, where=where), desc=label, unit="sweep", file=sys.stderr):
             out.append(sweep_stats(sample, label, knowns))
     return out
 
@@ -257,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the numbers as JSON")
     p.add_argument("--known", nargs="*", default=[], help="KNOWNs to score too: models:/KNOWN@champion, a folder, or 'shipped'")
     p.add_argument("--keep-unlearned", action="store_true", help="count sweeps whose Θ0 never learned too")
+    p.add_argument("--val-fraction", type=float, default=None, help="only the sweeps known.train holds out at this "
+                   "--val-fraction (to score KNOWNs on sweeps they never saw)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     args = p.parse_args(argv)
@@ -268,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         missing = [r for r in args.roots if not catalog.read(r)]
         if missing:
             raise PredictabilityError(f"no catalog with sweeps under {missing}")
+        if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+            raise PredictabilityError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         knowns = _load_knowns(args.known)
     except (PredictabilityError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stats = collect_stats(roots, knowns)
+    stats = collect_stats(roots, knowns, args.val_fraction)
     command = "python -m meta.predictability " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = render(stats, list(knowns), command, args.keep_unlearned)
     numbers = summary(stats, list(knowns), args.keep_unlearned)

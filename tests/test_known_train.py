@@ -57,6 +57,14 @@ def test_sweeps_that_never_learned_are_left_out_unless_kept():
     assert len(train.training_rows(rows, keep_unlearned=True)) == 3
 
 
+def test_size_curve_fractions_are_nested_and_keep_the_validation_sweeps():
+    rows = [{"sweep_id": f"{i:016x}"} for i in range(400)]
+    (quarter, v1), (half, v2), (full, v3) = (train.split(rows, 0.2, f) for f in (0.25, 0.5, 1.0))
+    assert v1 == v2 == v3 and not (full & v3)
+    assert quarter <= half <= full and len(full) + len(v3) == 400
+    assert 0.15 < len(quarter) / len(full) < 0.35 and 0.4 < len(half) / len(full) < 0.6
+
+
 def test_split_is_by_sweep_and_deterministic():
     ids = [f"{i:016x}" for i in range(1000)]
     val = [is_validation(i, 0.2) for i in ids]
