@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from known import baselines, registry
-from known.model import S
+from known.model import INPUT_MODES, S
 from known.predict import PREDICTED_KINDS
 from known.windows import KIND_IDS, is_validation, sweep_windows
-from known.model import INPUT_MODES
 from meta import catalog, readers
 from meta.record import CHANCE_MARGIN, learned
 
@@ -53,7 +52,7 @@ def to_rows(batch: dict, seed: int = 0, repeat: dict | None = None) -> dict:
             for name, v in (("y", w.y), ("rms", w.rms)):
                 cols[name].append(np.repeat(v, n) if n > 1 else v)
             cols["kind"].append(np.full(len(w.y) * n, KIND_IDS[kind], dtype=np.int8))
-            cols["sweep"].append(np.full(len(w.y) * n, int(sid[:8], 16) & 0x7FFFFFFF, dtype=np.int32))
+            cols["sweep"].append(np.full(len(w.y) * n, int(sid[:7], 16), dtype=np.int32))  # 28 bits of the hex id
     if not cols["x"]:
         return {"x": np.zeros((0, S), np.float32), "y": np.zeros(0, np.float32), "rms": np.zeros(0, np.float32),
                 "kind": np.zeros(0, np.int8), "sweep": np.zeros(0, np.int32)}
@@ -165,6 +164,7 @@ def train_loop(cfg: dict) -> None:
             ray.train.report({**metrics, "step": step, "epoch": epoch, "resumed_from_step": resumed_from}, checkpoint=ck)
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
     def train_metrics(sums: dict, mixing: list) -> dict:
         out = {f"train_l1_{k}": s / max(n, 1) for k, (s, _, n) in sums.items()}
         out |= {f"train_beyond_range_{k}": o / max(n, 1) for k, (_, o, n) in sums.items()}

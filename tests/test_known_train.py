@@ -199,3 +199,19 @@ def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
     raw = {k: KNOWN(inputs="raw") for k in models}  # a checkpoint of the official (raw-input) kind
     with pytest.raises(ValueError, match="inputs='scaled'"):
         train.restore(raw, {k: torch.optim.Adam(m.parameters()) for k, m in raw.items()}, str(tmp_path))
+
+
+def test_predictability_report_of_a_collected_meta_dataset_goes_to_file_and_mlflow(meta_root, tmp_path):
+    from mlflow import MlflowClient
+
+    from meta import predictability
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "report.md"
+    assert predictability.main([str(meta_root), "--out", str(out), "--known", "shipped", "--keep-unlearned",
+                                "--tracking-uri", uri]) == 0
+    text = out.read_text()
+    label = meta_root.name
+    assert f"| {label} | conv | 6 (" in text and "KNOWN shipped" in text and "Regenerate: `python -m meta.predictability" in text
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("predictability").experiment_id])
+    assert 0 < run.data.metrics[f"{label}.conv.oracle"] <= 1.01 * run.data.metrics[f"{label}.conv.oracle-delta"]  # (IRLS fits)
