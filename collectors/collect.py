@@ -52,7 +52,7 @@ class SweepOutcome:
     """What a worker returns for one sweep: its record (or why it failed) and the shards it published."""
 
     sweep_id: str
-    record: dict | None = None
+    record: object = None  # collectors.sweep.to_record's, as the catalog and the shard take it
     error: str | None = None
     published: list[ShardInfo] = field(default_factory=list)
 
