@@ -156,7 +156,7 @@ def test_killing_the_driver_then_rerunning_resumes_without_duplicates(settings, 
     cfg = tiny_config(num_sweeps=6)
     cfg_path.write_text(cfg.model_dump_json())  # JSON is YAML
     cmd = [sys.executable, str(REPO / "collectors" / "launch.py"), "--config", str(cfg_path), "--out", str(out),
-           "--data-root", settings.root, "--unverified-cifar10", "--num-workers", "1"]
+           "--data-root", settings.root, "--unverified-cifar10", "--num-workers", "1", "--no-mlflow"]
     env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
