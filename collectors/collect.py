@@ -182,6 +182,17 @@ def _shard_bytes(out: str) -> int:
     return sum(i.size for i in storage.list_files(fs, storage.join(path, catalog.SHARDS_DIR), ".tar"))
 
 
+def _classify(e: Exception, kind: str) -> tuple[FaultKind, str]:
+    """(the fault, its message) for what ``ray.get`` raised on a worker's start, sweep or flush."""
+    if kind == "start":
+        return FaultKind.START_FAILED, f"worker could not start: {type(e).__name__}"
+    if isinstance(e, RayTaskError) and isinstance(e.cause, WriterError):
+        return FaultKind.WRITE_FAILED, f"shard write failed: {e.cause}"
+    if isinstance(e, RayTaskError):  # a bug in sweep code: the traceback's last line says what
+        return FaultKind.SWEEP_FAILED, "".join(traceback.format_exception_only(e.cause or e)).strip()
+    return FaultKind.WORKER_DIED, f"worker died: {type(e).__name__}"
+
+
 PROGRESS_EVERY_S = 10.0  # how long the driver waits for a result before reporting progress anyway
 
 
@@ -194,7 +205,7 @@ class _Slot:
     generation: int = 0
     started: bool = False
     failed_starts: int = 0
-    unpublished: dict[str, dict] = field(default_factory=dict)
+    unpublished: dict[str, object] = field(default_factory=dict)  # sweep id -> its record
 
 
 class _Scheduler:
@@ -258,13 +269,8 @@ class _Scheduler:
         slot, kind, sid = self.inflight.pop(ref)
         try:
             result = ray.get(ref)
-        except _WORKER_DEATH as e:
-            fault = FaultKind.START_FAILED if kind == "start" else FaultKind.WORKER_DIED
-            return self._apply(slot, fault, f"{fault.value}: {type(e).__name__}", sid)
-        except RayTaskError as e:
-            if isinstance(e.cause, WriterError):
-                return self._apply(slot, FaultKind.WRITE_FAILED, f"shard write failed: {e.cause}", sid)
-            return self._apply(slot, FaultKind.SWEEP_FAILED, "".join(traceback.format_exception_only(e.cause or e)).strip(), sid)
+        except (*_WORKER_DEATH, RayTaskError) as e:
+            return self._apply(slot, *_classify(e, kind), sid)
         if kind == "start":
             slot.started, slot.failed_starts = True, 0
             log.info("worker %d started on node %s", slot.index, result[:12])
