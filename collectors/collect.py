@@ -1,18 +1,24 @@
-"""The collection job: Ray actors run sweeps and write shards; the driver coordinates and keeps the catalog.
+"""The collection job: Ray actors run sweeps and write shards; the driver schedules them and keeps the catalog.
 
-Failure model (what a user is promised):
-- a worker that dies mid-sweep (killed, OOM) costs that sweep only: it is retried on a fresh worker up to
-  ``max_retries`` times, then recorded as failed with the reason; sweeps the dead worker had finished but not
-  yet published in a shard are simply run again;
+Failure model (what a user is promised; the rules themselves live in ``collectors.policy``):
+- a worker that dies mid-sweep (killed, OOM, its node gone) costs that sweep only: it is retried on a fresh
+  worker up to ``max_retries`` times, then recorded as failed with the reason; sweeps the dead worker had
+  finished but not yet published in a shard are simply run again;
 - a diverging sweep (NaN/inf) is recorded as failed and never written;
 - a sweep is ``done`` only once the shard holding it is published, and the catalog is rewritten after that,
   so killing the driver loses at most unpublished work; the next run adopts shards published after the last
   catalog write (from their JSON records) and redoes only what is missing.
+
+Elastic: the pool is sized by the request (``num_workers``), not by the cluster's CPUs at the start. Every
+worker is requested up front; one that cannot be placed yet waits for the autoscaler and gets work only once
+it has started, so the job runs on the workers it has and grows as nodes join.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
 import traceback
 import uuid
@@ -21,21 +27,46 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
-from collectors import chaos
+from collectors import chaos, policy
 from collectors.config import SweepSpec, WorkerSettings
 from collectors.data import DataError, DataSettings
+from collectors.policy import Fault, FaultKind, WorkerAction
 from collectors.sweep import SweepDiverged, run_sweep, to_record
 from meta import catalog, storage
 from meta.shards import ShardError, ShardInfo, ShardWriter, encode_sample, iter_shard
+
+log = logging.getLogger(__name__)
 
 _WORKER_DEATH = (ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError)
 
 
 class WriterError(RuntimeError):
     """Writing or publishing a shard failed; the worker's open shard was discarded."""
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a worker returns for one sweep: its record (or why it failed) and the shards it published."""
+
+    sweep_id: str
+    record: object = None  # collectors.sweep.to_record's, as the catalog and the shard take it
+    error: str | None = None
+    published: list[ShardInfo] = field(default_factory=list)
+
+
+def _worker_logger(prefix: str) -> logging.Logger:
+    """Stage lines on the worker's stdout, which Ray streams to the job log."""
+    logger = logging.getLogger(f"{__name__}.worker")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[{prefix}] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 @ray.remote
@@ -45,29 +76,33 @@ class SweepWorker:
     def __init__(self, out: str, prefix: str, settings: DataSettings, threads: int, max_bytes: int, max_seconds: float, chaos_spec: str | None):
         torch.set_num_threads(threads)  # workers x threads <= cores: two workers never fight over a core
         self.settings, self.prefix, self.chaos = settings, prefix, chaos_spec
+        self.log = _worker_logger(prefix)
         self.writer = ShardWriter(storage.join(out, catalog.SHARDS_DIR), prefix, max_bytes, max_seconds)
 
-    def run(self, spec_json: str) -> dict:
+    def ready(self) -> str:
+        """Answers once the worker is placed and constructed: the node it runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+    def run(self, spec_json: str) -> SweepOutcome:
         spec = SweepSpec.model_validate_json(spec_json)
         sid = spec.sweep_id
 
         def on_stage(m):
-            print(f"[{self.prefix}] sweep {sid} {spec.family}/{spec.dataset} stage {m.stage + 1}/{spec.n_stages}: "
-                  f"|D|={m.subset_size} train_loss={m.train_loss:.3f} test_acc={m.test_acc:.4f} ({m.wall_s:.1f}s)", flush=True)
+            self.log.info(f"sweep {sid} {spec.family}/{spec.dataset} stage {m.stage + 1}/{spec.n_stages}: |D|={m.subset_size} "
+                          f"train_loss={m.train_loss:.3f} test_acc={m.test_acc:.4f} ({m.wall_s:.1f}s)")
             chaos.maybe_kill(self.chaos, sid, m.stage)
 
         try:
             result = run_sweep(spec, self.settings, on_stage=on_stage)
         except (SweepDiverged, DataError, ValueError) as e:
-            return {"sweep_id": sid, "ok": False, "error": f"{type(e).__name__}: {e}", "published": []}
+            return SweepOutcome(sid, error=f"{type(e).__name__}: {e}")
         record = to_record(result)
 
         def write():
             chaos.maybe_fail_write(self.chaos, sid)
             return self.writer.write(encode_sample(record, result.tensors))
 
-        published = self._guarded(write)
-        return {"sweep_id": sid, "ok": True, "record": record, "published": published}
+        return SweepOutcome(sid, record=record, published=self._guarded(write))
 
     def flush(self) -> list[ShardInfo]:
         return self._guarded(self.writer.close)
@@ -89,10 +124,16 @@ class Summary:
     adopted: int  # recovered from shards a crashed run published but did not catalog
     done: int = 0
     failed: int = 0
-    failures: Counter = field(default_factory=Counter)
+    failures: Counter = field(default_factory=Counter)  # why, this run
+    earlier_failures: Counter = field(default_factory=Counter)  # why, sweeps an earlier run failed (not retried)
     bytes_written: int = 0
     total_bytes: int = 0
     wall_s: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Every requested sweep is done (none failed now or earlier)."""
+        return self.failed == 0 and not self.earlier_failures
 
     def text(self) -> str:
         lines = [
@@ -102,7 +143,13 @@ class Summary:
             f"  bytes written this run: {self.bytes_written:,}; meta-dataset shards in total: {self.total_bytes:,}",
         ]
         lines += [f"  failed x{n}: {why}" for why, n in self.failures.most_common()]
+        lines += [f"  failed in an earlier run x{n}: {why} (--retry-failed runs them again)"
+                  for why, n in self.earlier_failures.most_common()]
         return "\n".join(lines)
+
+
+def _first_line(error: str) -> str:
+    return error.splitlines()[0][:200] if error else "?"
 
 
 def _adopt_orphans(out: str, rows: dict[str, dict]) -> int:
@@ -120,7 +167,7 @@ def _adopt_orphans(out: str, rows: dict[str, dict]) -> int:
             sha = storage.sha256(fs, info.path)
             samples = list(iter_shard(uri, sha256=sha))
         except ShardError as e:
-            print(f"warning: ignoring unreadable orphan shard {info.base_name}: {e}", flush=True)
+            log.warning("ignoring unreadable orphan shard %s: %s", info.base_name, e)
             continue
         shard = ShardInfo(info.base_name, info.path, sha, info.size, [s.key for s in samples])
         for s in samples:
@@ -135,12 +182,149 @@ def _shard_bytes(out: str) -> int:
     return sum(i.size for i in storage.list_files(fs, storage.join(path, catalog.SHARDS_DIR), ".tar"))
 
 
-CAPACITY_CHECK_S = 10.0  # how long the driver waits for any result before re-checking the cluster's size
+def _classify(e: Exception, kind: str) -> tuple[FaultKind, str]:
+    """(the fault, its message) for what ``ray.get`` raised on a worker's start, sweep or flush."""
+    if kind == "start":
+        return FaultKind.START_FAILED, f"worker could not start: {type(e).__name__}"
+    if isinstance(e, RayTaskError) and isinstance(e.cause, WriterError):
+        return FaultKind.WRITE_FAILED, f"shard write failed: {e.cause}"
+    if isinstance(e, RayTaskError):  # a bug in sweep code: the traceback's last line says what
+        return FaultKind.SWEEP_FAILED, "".join(traceback.format_exception_only(e.cause or e)).strip()
+    return FaultKind.WORKER_DIED, f"worker died: {type(e).__name__}"
 
 
-def _room(w: WorkerSettings) -> int:
-    """Workers the cluster's live CPUs hold now (a dead node's CPUs drop out once Ray notices it)."""
-    return int(ray.cluster_resources().get("CPU", 0) // w.cpus_per_worker)
+PROGRESS_EVERY_S = 10.0  # how long the driver waits for a result before reporting progress anyway
+
+
+@dataclass
+class _Slot:
+    """One place in the pool: its current actor (re-created after a death) and the sweeps it holds unpublished."""
+
+    index: int
+    actor: object
+    generation: int = 0
+    started: bool = False
+    failed_starts: int = 0
+    unpublished: dict[str, object] = field(default_factory=dict)  # sweep id -> its record
+
+
+class _Scheduler:
+    """Workers, the queue, the work in flight and the attempts; every fault goes through ``policy.decide``."""
+
+    def __init__(self, out: str, todo: list[SweepSpec], rows: dict, settings: DataSettings, w: WorkerSettings,
+                 size: int, summary: Summary, on_progress):
+        self.out, self.rows, self.settings, self.w, self.summary = out, rows, settings, w, summary
+        self.on_progress = on_progress or (lambda summary: None)
+        self.by_id = {s.sweep_id: s for s in todo}
+        self.queue = deque(self.by_id)
+        self.attempts: Counter = Counter()
+        self.inflight: dict = {}  # ObjectRef -> (slot, "start" | "run" | "flush", sweep id or None)
+        self.run_tag = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.chaos_spec = os.environ.get(chaos.ENV)
+        self.bar = tqdm(total=len(self.queue), desc="sweeps", unit="sweep", dynamic_ncols=True)
+        self.retired_why = ""  # the error that retired the last worker given up on
+        self.slots = [self._spawn(_Slot(i, None)) for i in range(size)]
+
+    def _spawn(self, slot: _Slot) -> _Slot:
+        w = self.w
+        slot.actor = SweepWorker.options(num_cpus=w.cpus_per_worker, max_restarts=0).remote(
+            self.out, f"{self.run_tag}-w{slot.index}g{slot.generation}", self.settings, w.threads_per_worker,
+            w.shard_max_bytes, w.shard_max_seconds, self.chaos_spec)
+        slot.started = False
+        self.inflight[slot.actor.ready.remote()] = (slot, "start", None)  # answers once placed: may wait for a node
+        return slot
+
+    def run(self) -> None:
+        try:
+            while self.slots and (self.queue or self._working()):
+                self._dispatch()
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=PROGRESS_EVERY_S)
+                if ready:
+                    self._handle(ready[0])
+                else:
+                    log.info("%d of %d workers running, %d sweeps queued", sum(s.started for s in self.slots),
+                             len(self.slots), len(self.queue))
+                self.on_progress(self.summary)
+            self._strand()
+        finally:
+            self.bar.close()
+            for slot in self.slots:
+                ray.kill(slot.actor)  # pending ones too: a replacement still waiting for a node
+
+    def _working(self) -> bool:
+        return any(kind != "start" for _, kind, _ in self.inflight.values()) or any(s.unpublished for s in self.slots)
+
+    def _dispatch(self) -> None:
+        busy = {id(slot) for slot, _, _ in self.inflight.values()}
+        for slot in self.slots:
+            if id(slot) in busy or not slot.started:
+                continue
+            if self.queue:
+                sid = self.queue.popleft()
+                self.inflight[slot.actor.run.remote(self.by_id[sid].model_dump_json())] = (slot, "run", sid)
+            elif slot.unpublished:
+                self.inflight[slot.actor.flush.remote()] = (slot, "flush", None)
+
+    def _handle(self, ref) -> None:
+        slot, kind, sid = self.inflight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except (*_WORKER_DEATH, RayTaskError) as e:
+            return self._apply(slot, *_classify(e, kind), sid)
+        if kind == "start":
+            slot.started, slot.failed_starts = True, 0
+            log.info("worker %d started on node %s", slot.index, result[:12])
+        elif kind == "flush":
+            self._record_published(result, slot)
+        elif result.error is not None:
+            self._apply(slot, FaultKind.SWEEP_FAILED, result.error, sid)
+        else:
+            slot.unpublished[sid] = result.record
+            self.bar.update(1)
+            self._record_published(result.published, slot)
+
+    def _apply(self, slot: _Slot, kind: FaultKind, error: str, sid: str | None) -> None:
+        slot.failed_starts += kind is FaultKind.START_FAILED
+        decision = policy.decide(Fault(kind, _first_line(error) if kind is not FaultKind.SWEEP_FAILED else error, sid,
+                                       tuple(slot.unpublished), dict(self.attempts), self.w.max_retries, slot.failed_starts))
+        for s in decision.charged:
+            self.attempts[s] += 1
+        for s, why in decision.failed:
+            self._fail(s, why)
+        self.queue.extendleft(reversed(decision.retry))
+        if decision.worker is not WorkerAction.KEEP:
+            ray.kill(slot.actor)  # an unavailable actor may come back: it must not publish behind our back
+            self.bar.update(-len(slot.unpublished))
+            log.warning("worker %d: %s; %d unpublished sweeps re-queued; worker %sd", slot.index, _first_line(error),
+                        len(slot.unpublished), decision.worker.value)
+            slot.unpublished = {}
+        if decision.worker is WorkerAction.REPLACE:
+            slot.generation += 1
+            self._spawn(slot)
+        elif decision.worker is WorkerAction.RETIRE:
+            self.slots.remove(slot)
+            self.retired_why = _first_line(error)
+
+    def _record_published(self, infos: list[ShardInfo], slot: _Slot) -> None:
+        for info in infos:
+            self.summary.bytes_written += info.bytes
+            for sid in info.keys:
+                self.rows[sid] = catalog.done_row(slot.unpublished.pop(sid), info, self.attempts[sid] + 1)
+                self.summary.done += 1
+        if infos:
+            catalog.write(self.out, self.rows.values())
+
+    def _fail(self, sid: str, error: str) -> None:
+        self.rows[sid] = catalog.failed_row(sid, self.by_id[sid].model_dump(mode="json"), error, self.attempts[sid])
+        self.summary.failed += 1
+        self.summary.failures[_first_line(error)] += 1
+        catalog.write(self.out, self.rows.values())
+        self.bar.update(1)
+
+    def _strand(self) -> None:
+        """Every worker was given up on: the sweeps still queued fail, naming why."""
+        while self.queue:
+            self._fail(self.queue.popleft(), f"no worker left: {self.retired_why}")
 
 
 def collect(
@@ -150,8 +334,10 @@ def collect(
     workers: WorkerSettings | None = None,
     num_workers: int | None = None,
     retry_failed: bool = False,
+    on_progress=None,
 ) -> Summary:
-    """Run the sweeps in ``specs`` that ``out`` does not hold yet; return what happened."""
+    """Run the sweeps in ``specs`` that ``out`` does not hold yet with ``num_workers`` workers (default: as many
+    as the cluster's CPUs hold now); ``on_progress(summary)`` is called as results come in. Returns what happened."""
     t0 = time.perf_counter()
     out = storage.normalize(out)  # workers may run in another folder: local paths become absolute
     storage.check_writable(out)
@@ -159,144 +345,19 @@ def collect(
     rows = {r["sweep_id"]: r for r in catalog.read(out)}
     finished = {"done"} | (set() if retry_failed else {"failed"})
     skipped = sum(rows.get(s.sweep_id, {}).get("status") in finished for s in specs)
+    earlier = Counter(_first_line(rows[s.sweep_id]["error"]) for s in specs
+                      if not retry_failed and rows.get(s.sweep_id, {}).get("status") == "failed")
     adopted = _adopt_orphans(out, rows)
     if adopted:
         catalog.write(out, rows.values())
 
-    todo = deque(s for s in specs if rows.get(s.sweep_id, {}).get("status") not in finished)
-    summary = Summary(out, len(specs), skipped, adopted)
-    if not todo:
-        summary.total_bytes, summary.wall_s = _shard_bytes(out), time.perf_counter() - t0
-        return summary
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if w.cpus_per_worker > cpus:
-        raise ValueError(f"workers.cpus_per_worker={w.cpus_per_worker} exceeds the cluster's {cpus} CPUs: no worker could start")
-    capacity = max(1, _room(w))
-    if num_workers is not None and num_workers > capacity:
-        print(f"--num-workers {num_workers} exceeds what {cpus:g} CPUs hold at {w.cpus_per_worker:g} each; using {capacity}")
-    num_workers = min(num_workers or capacity, capacity, len(todo))
-    run_tag = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    chaos_spec = os.environ.get(chaos.ENV)
-
-    def new_worker(i: int, gen: int):
-        return SweepWorker.options(num_cpus=w.cpus_per_worker, max_restarts=0).remote(
-            out, f"{run_tag}-w{i}g{gen}", settings, w.threads_per_worker, w.shard_max_bytes, w.shard_max_seconds, chaos_spec
-        )
-
-    generation = [0] * num_workers
-    replacements: list[int] = []  # workers re-created after a death, newest last
-    retiring: set[int] = set()
-    workers = [new_worker(i, 0) for i in range(num_workers)]
-    by_id = {s.sweep_id: s for s in specs}
-    attempts: Counter = Counter()
-    pending: dict[int, dict[str, dict]] = {i: {} for i in range(num_workers)}  # finished, not yet in a shard
-    inflight: dict = {}  # ObjectRef -> (worker index, sweep id or None for a flush)
-    bar = tqdm(total=len(todo), desc="sweeps", unit="sweep", dynamic_ncols=True)
-
-    def record_published(infos: list[ShardInfo], i: int) -> None:
-        for info in infos:
-            summary.bytes_written += info.bytes
-            for sid in info.keys:
-                rec = pending[i].pop(sid)
-                rows[sid] = catalog.done_row(rec, info, attempts[sid] + 1)
-                summary.done += 1
-        if infos:
-            catalog.write(out, rows.values())
-
-    def fail(sid: str, error: str, n_attempts: int) -> None:
-        rows[sid] = catalog.failed_row(sid, by_id[sid].model_dump(mode="json"), error, n_attempts)
-        summary.failed += 1
-        summary.failures[error.splitlines()[0][:200]] += 1
-        catalog.write(out, rows.values())
-        bar.update(1)
-
-    def retire(j: int, requeue: list[str]) -> None:
-        """Stop using worker j (the shrunken cluster cannot place it): ``requeue`` and what it finished but
-        never published run again, with no attempt charged."""
-        workers[j] = None
-        unpublished = list(pending[j])
-        pending[j] = {}
-        bar.update(-len(unpublished))
-        todo.extendleft(by_id[s] for s in reversed(requeue + unpublished))
-        print(f"worker {j} retired: the cluster now holds {_room(w)} workers", flush=True)
-
-    try:
-        while todo or inflight or any(pending.values()):
-            busy = {i for i, _ in inflight.values()}
-            for i in range(num_workers):
-                if i in busy or workers[i] is None:
-                    continue
-                if todo:
-                    sid = todo.popleft().sweep_id
-                    inflight[workers[i].run.remote(by_id[sid].model_dump_json())] = (i, sid)
-                elif pending[i]:
-                    inflight[workers[i].flush.remote()] = (i, None)
-            if not inflight:
-                break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=CAPACITY_CHECK_S)
-            if not ready:  # nothing finished for a while: did the cluster shrink under a replacement worker?
-                alive = [j for j, a in enumerate(workers) if a is not None and j not in retiring]
-                waiting = [j for j in replacements if j in alive]
-                if len(alive) > max(_room(w), 1) and waiting:
-                    j = waiting[-1]
-                    ray.kill(workers[j])
-                    if any(k == j for k, _ in inflight.values()):
-                        retiring.add(j)  # its queued sweep comes back through the death path below
-                    else:
-                        retire(j, [])
-                continue
-            i, sid = inflight.pop(ready[0])
-            try:
-                res = ray.get(ready[0])
-            except (*_WORKER_DEATH, ray.exceptions.RayTaskError) as e:
-                if i in retiring:  # retired on purpose (it could not be placed): no attempt charged
-                    retiring.discard(i)
-                    retire(i, [sid] if sid else [])
-                    continue
-                writer_failed = isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, WriterError)
-                if isinstance(e, ray.exceptions.RayTaskError) and not writer_failed:  # a bug in sweep code
-                    fail(sid, "".join(traceback.format_exception_only(e.cause or e)).strip(), attempts[sid] + 1)
-                    continue
-                reason = f"shard write failed: {e.cause}" if writer_failed else f"worker died: {type(e).__name__}"
-                lost = list(pending[i])  # finished on that worker but never published: run them again
-                pending[i] = {}
-                ray.kill(workers[i])  # an unavailable actor may come back: it must not publish behind our back
-                alive, room = sum(a is not None and j not in retiring for j, a in enumerate(workers)), _room(w)
-                if alive > 1 and alive > room:  # the cluster lost CPUs (a node): go on with fewer workers
-                    retire(i, [])  # instead of waiting for a replacement that cannot be placed
-                else:  # (if the loss is not visible yet, the capacity check above retires it later)
-                    generation[i] += 1
-                    workers[i] = new_worker(i, generation[i])
-                    replacements.append(i)
-                print(f"worker {i}: {reason}; {len(lost)} unpublished sweeps re-queued", flush=True)
-                bar.update(-len(lost))
-                # a dead worker charges only the sweep it was running; a failing write charges every sweep
-                # it lost, so a full disk ends in failed rows instead of an endless loop
-                for s in ([sid] if sid is not None else []) + (lost if writer_failed else []):
-                    attempts[s] += 1
-                    if attempts[s] > w.max_retries:
-                        fail(s, f"{reason} (on all {attempts[s]} attempts)", attempts[s])
-                    else:
-                        todo.appendleft(by_id[s])
-                if not writer_failed:
-                    todo.extendleft(by_id[s] for s in reversed(lost))
-                continue
-            if sid is None:
-                record_published(res, i)
-                continue
-            if not res["ok"]:
-                fail(sid, res["error"], attempts[sid] + 1)
-                continue
-            pending[i][sid] = res["record"]
-            bar.update(1)
-            record_published(res["published"], i)
-    finally:
-        bar.close()
-        for a in workers:
-            if a is not None:
-                ray.kill(a)
+    todo = [s for s in specs if rows.get(s.sweep_id, {}).get("status") not in finished]
+    summary = Summary(out, len(specs), skipped, adopted, earlier_failures=earlier)
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        size = policy.pool_size(num_workers, ray.cluster_resources().get("CPU", 0), w.cpus_per_worker, len(todo))
+        log.info("requesting %d workers (%g CPUs each) for %d sweeps", size, w.cpus_per_worker, len(todo))
+        _Scheduler(out, todo, rows, settings, w, size, summary, on_progress).run()
     summary.total_bytes, summary.wall_s = _shard_bytes(out), time.perf_counter() - t0
     return summary

@@ -111,6 +111,21 @@ def check_available(names: list[str], settings: DataSettings) -> None:
         raise DataError("\n".join(problems))
 
 
+def preflight(names: list[str], settings: DataSettings) -> None:
+    """Open every dataset in ``names`` (both splits) exactly as a worker will: the same loader and checksum rule,
+    so a dataset the workers would refuse is refused here, before any Ray work. Frees what it loaded."""
+    check_available(names, settings)
+    problems = []
+    for name in names:
+        try:
+            load(name, settings, True), load(name, settings, False)
+        except DataError as e:
+            problems.append(str(e))
+    load.cache_clear()
+    if problems:
+        raise DataError("\n".join(problems))
+
+
 @functools.lru_cache(maxsize=8)
 def load(name: str, settings: DataSettings, train: bool) -> Split:
     """One split of a dataset, cached per process (a worker runs many sweeps on the same data)."""

@@ -1,15 +1,16 @@
 """Collect forgetting sweeps into a meta-dataset (webdataset shards + parquet catalog).
 
-    python collectors/launch.py --config configs/demo.yaml --out runs/demo --data-root .data
-    ray job submit --working-dir . -- python collectors/launch.py --config … --out s3://bucket/meta
+    python -m collectors.launch --config configs/demo.yaml --out runs/demo --data-root .data
+    ray job submit --working-dir . -- python collectors/launch.py --config … --out s3://bucket/meta --num-workers 64
 
 Running the same command again resumes: finished sweeps are skipped, unfinished ones are redone.
+Exit status: 0 every requested sweep is done; 1 some failed (the summary says why); 2 bad input (nothing ran).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import logging
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ if __package__ in (None, ""):  # run as a script (`python collectors/launch.py`)
 
 from collectors import data  # noqa: E402
 from collectors.config import ConfigError, load_config, sample_specs  # noqa: E402
-from meta import catalog, storage  # noqa: E402
+from meta import status, storage  # noqa: E402
+
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,47 +29,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML collection config (see configs/demo.yaml)")
     p.add_argument("--out", required=True, help="output folder or URI (s3://…); holds catalog.parquet and shards/")
     p.add_argument("--data-root", default=None, help=f"dataset root in torchvision's layout (default: ${data.ENV_ROOT})")
-    p.add_argument("--num-workers", type=int, default=None, help="worker actors (default: cluster CPUs / cpus_per_worker)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="worker actors to request; those the cluster cannot place yet wait for the autoscaler "
+                        "(default: what the cluster's CPUs hold now / cpus_per_worker)")
     p.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
     p.add_argument("--unverified-cifar10", action="store_true",
                    help="load a locally rebuilt CIFAR-10 whose md5s differ from torchvision's (e.g. ../shared/data)")
     p.add_argument("--retry-failed", action="store_true", help="run sweeps the catalog records as failed again")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI for the live view (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="no live view in MLflow")
     return p.parse_args(argv)
 
 
-def describe(out: str) -> str:
-    """What the meta-dataset under ``out`` holds, for a human."""
-    rows = catalog.read(out)
-    done = [r for r in rows if r["status"] == "done"]
-    by = collections.Counter((r["family"], r["dataset"]) for r in done)
-    lines = [f"meta-dataset {out}: {len(done)} done, {len(rows) - len(done)} failed sweeps in {catalog.FILENAME}"]
-    lines += [f"  {fam:<11} {ds:<13} {n}" for (fam, ds), n in sorted(by.items())]
-    for r in done[:3]:
-        accs = " ".join(f"{a:.3f}" for a in r["stage_test_acc"])
-        lines.append(f"  e.g. {r['sweep_id']} ({r['family']}, {r['dataset']}, r={r['r']}): test acc by stage {accs}")
-    return "\n".join(lines)
+def _live_view(args: argparse.Namespace, n_sweeps: int):
+    if args.no_mlflow:
+        return None
+    from collectors.progress import MlflowProgress
+    from known.registry import tracking_uri
+
+    params = {"config": args.config, "out": args.out, "num_sweeps": n_sweeps, "num_workers": args.num_workers or "auto"}
+    return MlflowProgress(tracking_uri(args.tracking_uri), f"collect {Path(args.out).name}", params)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:  # everything that can be checked is checked before Ray starts
         config = load_config(args.config)
         if args.num_workers is not None and args.num_workers < 1:
             raise ConfigError(f"--num-workers must be >= 1, got {args.num_workers}")
         settings = data.DataSettings(data.resolve_root(args.data_root), args.download or config.data.download,
                                      args.unverified_cifar10 or config.data.unverified_cifar10)
-        data.check_available(config.space.datasets, settings)
+        data.preflight(config.space.datasets, settings)  # opens each dataset as the workers will
         storage.check_writable(args.out)
     except (ConfigError, data.DataError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
     from collectors.collect import collect  # imports Ray: only once the inputs are known to be good
 
-    summary = collect(sample_specs(config), args.out, settings, config.workers, args.num_workers, args.retry_failed)
+    specs = sample_specs(config)
+    view = _live_view(args, len(specs))
+    summary = collect(specs, args.out, settings, config.workers, args.num_workers, args.retry_failed, on_progress=view)
+    st = status.status(storage.normalize(args.out))
+    if view is not None:
+        view.finish(summary, st)
     print(summary.text())
-    print(describe(storage.normalize(args.out)))
-    return 0  # failed sweeps are recorded with their reason in the catalog and summarised above
+    print(status.text(st))
+    return EXIT_DONE if summary.complete else EXIT_FAILED
 
 
 if __name__ == "__main__":

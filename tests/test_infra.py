@@ -84,6 +84,54 @@ def test_ray_up_config_passes_rays_own_validation_and_a_broken_one_does_not():
         "template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[0]
 
 
+def test_the_shipped_clusters_start_empty_and_grow_to_what_the_collection_requests():
+    """A 0-CPU head, 0 CPU workers at the start, autoscaling on; the collect job requests as many workers as the
+    largest cluster holds (more would wait forever, fewer would leave nodes unused)."""
+    import re
+
+    from collectors.config import load_config
+
+    spec = _yaml("kuberay/raycluster.yaml")["spec"]
+    assert spec["enableInTreeAutoscaling"] is True and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    cpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "cpu")
+    assert cpu["minReplicas"] == cpu["replicas"] == 0
+    pod_cpus = int(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    _, args = _entrypoint_args(_yaml("kuberay/rayjob-collect.yaml")["spec"]["entrypoint"])
+    from collectors.launch import parse_args
+
+    parsed = parse_args(args)
+    per_worker = load_config(REPO / parsed.config).workers.cpus_per_worker
+    assert parsed.num_workers == cpu["maxReplicas"] * pod_cpus // per_worker
+
+    aws = _yaml("ray-up/aws.yaml")
+    nodes = aws["available_node_types"]
+    assert nodes[aws["head_node_type"]]["resources"] == {"CPU": 0} and nodes["cpu_worker"]["min_workers"] == 0
+    assert nodes["cpu_worker"]["node_config"]["InstanceType"] == "c6i.4xlarge"  # 16 vCPUs
+    [requested] = set(re.findall(r"--num-workers (\d+)", (INFRA / "ray-up/aws.yaml").read_text()))
+    assert int(requested) == nodes["cpu_worker"]["max_workers"] * 16 // per_worker
+
+
+def test_datasets_are_staged_where_the_containers_can_read_them():
+    """`ray up`: /data is mounted read-only into the container, so it is filled on the host
+    (initialization_commands), never from setup_commands (which run inside the container). KubeRay: the Ray
+    pods mount the volume read-only; a separate Job fills it read-write."""
+    aws = _yaml("ray-up/aws.yaml")
+    assert "-v /data:/data:ro" in aws["docker"]["run_options"]
+    in_container = [c for k in ("setup_commands", "head_setup_commands", "worker_setup_commands") for c in aws[k]]
+    assert not [c for c in in_container if "/data" in c]
+    assert any("aws s3 sync" in c and "/data/" in c for c in aws["initialization_commands"])
+
+    spec = _yaml("kuberay/raycluster.yaml")["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "oblivion-data", "readOnly": True}
+        assert pod["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data", "readOnly": True}]
+    stage = _yaml("kuberay/stage-data.yaml")
+    pod = stage["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "oblivion-data"
+    assert not pod["containers"][0]["volumeMounts"][0].get("readOnly") and "/data/" in pod["containers"][0]["command"][-1]
+
+
 def test_dockerfile_matches_the_pinned_stack_and_the_repo():
     import ray
 

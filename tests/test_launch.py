@@ -59,7 +59,8 @@ def test_rebuilt_cifar_needs_the_explicit_flag(fake_root):
 def test_unwritable_output_is_refused(capsys, tmp_path, cfg_file, fake_root):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, err = _run(capsys, "--config", str(cfg_file), "--out", str(blocker / "o"), "--data-root", str(fake_root))
+    code, err = _run(capsys, "--config", str(cfg_file), "--out", str(blocker / "o"), "--data-root", str(fake_root),
+                     "--unverified-cifar10")
     assert code == 2 and "not writable" in err
 
 
@@ -166,3 +167,54 @@ def test_real_datasets_load_with_their_true_sizes(real_root):
             data.load("cifar10", data.DataSettings(str(real_root)), False)
     cifar = data.load("cifar10", data.DataSettings(str(real_root), unverified_cifar10=True), True)
     assert cifar.x.shape == (50000, 3, 32, 32) and cifar.y.bincount().tolist() == [5000] * 10
+
+
+def test_rebuilt_cifar_without_the_flag_is_refused_before_ray_starts(capsys, tmp_path, cfg_file, fake_root, monkeypatch):
+    import ray
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started although the input is bad")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    code, err = _run(capsys, "--config", str(cfg_file), "--out", str(tmp_path / "o"), "--data-root", str(fake_root), "--no-mlflow")
+    assert code == 2 and "cifar10" in err and "--unverified-cifar10" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_runs_as_a_module_too(tmp_path, fake_root):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_sweeps: 0\n")
+    p = subprocess.run([sys.executable, "-m", "collectors.launch", "--config", str(bad), "--out", str(tmp_path / "o"),
+                        "--data-root", str(fake_root)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "num_sweeps" in p.stderr
+
+
+@pytest.mark.ray
+def test_exit_codes_and_the_live_view_in_mlflow(capsys, tmp_path, fake_root, ray_local):
+    """0 when every sweep is done (the MLflow run says so, per family x dataset); 1 when some failed, even
+    with MLflow unreachable; the summary names why."""
+    from mlflow import MlflowClient
+
+    from collectors.progress import EXPERIMENT
+
+    cfg, uri = tmp_path / "ok.yaml", f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.write_text(tiny_config(num_sweeps=2).model_dump_json())
+    common = ["--data-root", str(fake_root), "--unverified-cifar10", "--num-workers", "2"]
+    assert launch.main(["--config", str(cfg), "--out", str(tmp_path / "ok"), "--tracking-uri", uri, *common]) == 0
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["sweeps_done"] == 2
+    cells = {k: v for k, v in run.data.metrics.items() if k.startswith("done.")}
+    assert sum(cells.values()) == 2 and all(k.count(".") == 2 for k in cells)
+
+    bad = tmp_path / "diverges.yaml"
+    bad.write_text(tiny_config(num_sweeps=2, space__lr=[1e9, 1e9], space__optimizers=["sgd"]).model_dump_json())
+    capsys.readouterr()
+    code = launch.main(["--config", str(bad), "--out", str(tmp_path / "bad"), "--tracking-uri", f"http://127.0.0.1:{_free_port()}", *common])
+    out = capsys.readouterr().out
+    assert code == 1 and "2 failed now" in out and "SweepDiverged" in out
+    assert [r["status"] for r in catalog.read(str(tmp_path / "bad"))] == ["failed", "failed"]
+    # and again without --retry-failed: nothing runs, still not every sweep is done
+    assert launch.main(["--config", str(bad), "--out", str(tmp_path / "bad"), "--no-mlflow", *common]) == 1
+    out = capsys.readouterr().out
+    assert "2 already finished" in out and "failed in an earlier run x1: SweepDiverged" in out

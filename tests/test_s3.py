@@ -63,3 +63,8 @@ def test_collection_and_readers_through_s3(s3_ray, settings):
     # resume against S3: nothing to redo
     again = collect(sample_specs(cfg), out, settings, cfg.workers, 2, False)
     assert (again.skipped, again.done) == (2, 0) and len(catalog.read(out)) == 2
+    # the live view of an s3:// output
+    from meta import status
+
+    st = status.status(out)
+    assert (st.done, st.failed) == (2, 0) and st.shard_bytes > 0 and "2 done, 0 failed" in status.text(st)

@@ -1,0 +1,33 @@
+"""`python -m meta.status OUT`: the catalog's summary, without Ray (on s3:// in tests/test_s3.py)."""
+
+from meta import catalog, status
+
+
+def _row(sid, status_, family, dataset, wall_s=None, finished_at=None, error=None):
+    """A catalog row with only the columns meta.status reads (catalog.write fills the rest with nulls)."""
+    return {"sweep_id": sid, "status": status_, "family": family, "dataset": dataset, "wall_s": wall_s, "error": error,
+            "finished_at": finished_at, "r": 0.5, "stage_test_acc": [0.5, 0.25, 0.125] if status_ == "done" else None}
+
+
+def test_status_counts_reasons_cells_bytes_and_hours(tmp_path, capsys):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(b"x" * 1000)
+    catalog.write(str(tmp_path), [
+        _row("s1", "done", "cnn", "mnist", 1800, "2026-01-01T00:00:00+00:00"),
+        _row("s2", "done", "cnn", "mnist", 1800, "2026-01-01T00:30:00+00:00"),
+        _row("s3", "failed", "resnet", "cifar10", error="SweepDiverged: nan\ntraceback"),
+        _row("s4", "failed", "cnn", "mnist", error="worker died: X (on all 3 attempts)"),
+    ])
+    st = status.status(str(tmp_path))
+    assert (st.done, st.failed, st.shard_bytes, st.cpu_hours, st.sweeps_per_hour) == (2, 2, 1000, 1.0, 2.0)
+    assert st.failures == {"SweepDiverged: nan": 1, "worker died: X (on all 3 attempts)": 1}
+    assert st.cells == {("cnn", "mnist"): (2, 1), ("resnet", "cifar10"): (0, 1)}
+    assert status.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 done, 2 failed" in out and "1,000 bytes" in out and "failed x1: SweepDiverged: nan" in out
+    assert "resnet      cifar10       0 done, 1 failed" in out
+
+
+def test_status_of_a_folder_without_a_catalog_is_an_error_naming_it(tmp_path, capsys):
+    assert status.main([str(tmp_path / "nothing")]) == 2
+    assert str(tmp_path / "nothing") in capsys.readouterr().err
