@@ -165,6 +165,7 @@ class SearchSpace(_Strict):
 
 
 class WorkerSettings(_Strict):
+    num_workers: int | None = Field(default=None, ge=1)  # workers to request (None: what the cluster's CPUs hold now)
     cpus_per_worker: float = Field(default=1, gt=0)  # Ray CPUs reserved by each worker actor
     threads_per_worker: int = Field(default=1, ge=1)  # torch threads inside it (1 worker per core on a laptop)
     max_retries: int = Field(default=2, ge=0)  # extra attempts when a worker dies mid-sweep

@@ -42,13 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _live_view(args: argparse.Namespace, n_sweeps: int):
+def _live_view(args: argparse.Namespace, n_sweeps: int, num_workers: int | None):
     if args.no_mlflow:
         return None
     from collectors.progress import MlflowProgress
     from known.registry import tracking_uri
 
-    params = {"config": args.config, "out": args.out, "num_sweeps": n_sweeps, "num_workers": args.num_workers or "auto"}
+    params = {"config": args.config, "out": args.out, "num_sweeps": n_sweeps, "num_workers": num_workers or "auto"}
     return MlflowProgress(tracking_uri(args.tracking_uri), f"collect {Path(args.out).name}", params)
 
 
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     from collectors.collect import collect  # imports Ray: only once the inputs are known to be good
 
     specs = sample_specs(config)
-    view = _live_view(args, len(specs))
-    summary = collect(specs, args.out, settings, config.workers, args.num_workers, args.retry_failed, on_progress=view)
+    num_workers = args.num_workers or config.workers.num_workers  # the flag wins over the config
+    view = _live_view(args, len(specs), num_workers)
+    summary = collect(specs, args.out, settings, config.workers, num_workers, args.retry_failed, on_progress=view)
     st = status.status(storage.normalize(args.out))
     if view is not None:
         view.finish(summary, st)

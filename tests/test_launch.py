@@ -181,6 +181,25 @@ def test_rebuilt_cifar_without_the_flag_is_refused_before_ray_starts(capsys, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_the_pool_size_comes_from_the_flag_else_the_config(capsys, tmp_path, fake_root, monkeypatch):
+    import collectors.collect
+
+    asked = []
+
+    def fake_collect(specs, out, settings, workers, num_workers, *a, **k):
+        asked.append(num_workers)
+        raise SystemExit(0)  # nothing to run: only the request matters here
+
+    monkeypatch.setattr(collectors.collect, "collect", fake_collect)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(tiny_config(workers__num_workers=6).model_dump_json())
+    argv = ["--config", str(cfg), "--out", str(tmp_path / "o"), "--data-root", str(fake_root), "--unverified-cifar10", "--no-mlflow"]
+    for extra in ([], ["--num-workers", "3"]):
+        with pytest.raises(SystemExit):
+            launch.main(argv + extra)
+    assert asked == [6, 3]
+
+
 def test_runs_as_a_module_too(tmp_path, fake_root):
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_sweeps: 0\n")
