@@ -37,6 +37,14 @@ def _check_family(v: str) -> str:
     return v
 
 
+def _check_restart(m: M) -> M:
+    """A restarted stage starts from the initial weights: there is no optimiser state to carry into it."""
+    if m.stage_init == "restart" and m.optimizer_state == "carry":
+        raise ValueError("stage_init='restart' trains every stage from the initial weights: "
+                         "optimizer_state must be 'fresh', got 'carry'")
+    return m
+
+
 def _check_dataset(v: str) -> str:
     if v not in DATASETS:
         raise ValueError(f"unknown dataset {v!r}; known: {sorted(DATASETS)}")
@@ -90,12 +98,7 @@ class SweepSpec(_Strict):
             )
         return self
 
-    @model_validator(mode="after")
-    def _restart_is_fresh(self) -> SweepSpec:
-        if self.stage_init == "restart" and self.optimizer_state == "carry":
-            raise ValueError("stage_init='restart' trains every stage from the initial weights: "
-                             "optimizer_state must be 'fresh', got 'carry'")
-        return self
+    _restart_is_fresh = model_validator(mode="after")(lambda self: _check_restart(self))
 
     @property
     def sweep_id(self) -> str:
@@ -134,12 +137,7 @@ class SearchSpace(_Strict):
     _families = field_validator("families")(lambda vs: [_check_family(v) for v in vs])
     _datasets = field_validator("datasets")(lambda vs: [_check_dataset(v) for v in vs])
 
-    @model_validator(mode="after")
-    def _restart_is_fresh(self) -> SearchSpace:
-        if self.stage_init == "restart" and self.optimizer_state == "carry":
-            raise ValueError("stage_init='restart' trains every stage from the initial weights: "
-                             "optimizer_state must be 'fresh', got 'carry'")
-        return self
+    _restart_is_fresh = model_validator(mode="after")(lambda self: _check_restart(self))
 
     @field_validator("r")
     @classmethod

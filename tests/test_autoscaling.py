@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from collectors import chaos
 from collectors.collect import collect
 from collectors.config import sample_specs
 from conftest import tiny_config
 from meta import catalog
 from test_collect import assert_consistent
-from test_failures import _members
+from test_failures import _members, stall_in_collection
 from test_infra import _free_port
 
 pytestmark = pytest.mark.ray
@@ -150,17 +149,9 @@ def test_a_node_removed_mid_run_costs_nothing(autoscaling, settings, tmp_path, m
     cfg = tiny_config(num_sweeps=6)
     specs = sample_specs(cfg)
     victim = specs[1].sweep_id
-    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@1=hang")
-    result = {}
-    driver = threading.Thread(target=lambda: result.update(s=collect(specs, str(out), settings, cfg.workers, 2, False)))
     t0 = time.monotonic()
-    driver.start()
-    marker = tmp_path / "chaos" / f"{victim}@1.node"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the victim sweep never reached its stage"
-    node = next(n for n in ray.nodes() if n["NodeID"] == marker.read_text())
+    driver, result, node_id = stall_in_collection(specs, out, settings, cfg.workers, tmp_path, monkeypatch, 240)
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     # a fake node is a raylet process group on this machine: kill it as a cloud would take the VM away
     raylet = subprocess.run(["pgrep", "-f", f"raylet.*--node_id={node['NodeID']}"], capture_output=True, text=True).stdout.split()
     assert raylet, f"no raylet process for node {node['NodeID']}"

@@ -56,22 +56,29 @@ def test_killed_worker_process_on_a_multinode_cluster(cluster, settings, tmp_pat
     assert {r["sweep_id"]: r["attempts"] for r in catalog.read(str(out))}[victim] == 2
 
 
+def stall_in_collection(specs, out, settings, workers, tmp_path, monkeypatch, timeout: float):
+    """Start ``collect`` (2 workers) in a thread with sweep ``specs[1]`` stalled at stage 1; wait until it
+    stalls and return (driver thread, its result dict, the id of the node the stalled worker runs on)."""
+    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{specs[1].sweep_id}@1=hang")
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(s=collect(specs, str(out), settings, workers, 2, False)))
+    driver.start()
+    marker = tmp_path / "chaos" / f"{specs[1].sweep_id}@1.node"
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the victim sweep never reached its stage"
+    return driver, result, marker.read_text()
+
+
 def test_killed_node_during_collection(cluster, settings, tmp_path, monkeypatch):
     c, nodes = cluster
     out = tmp_path / "meta"
     cfg = tiny_config(num_sweeps=6)
     specs = sample_specs(cfg)
     victim = specs[1].sweep_id
-    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@1=hang")  # the worker stalls, we kill its node
-    result = {}
-    driver = threading.Thread(target=lambda: result.update(s=collect(specs, str(out), settings, cfg.workers, 2, False)))
-    driver.start()
-    marker = tmp_path / "chaos" / f"{victim}@1.node"
-    deadline = time.monotonic() + 180
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the victim sweep never reached its stage"
-    node = next(n for n in nodes if n.node_id == marker.read_text())
+    driver, result, node_id = stall_in_collection(specs, out, settings, cfg.workers, tmp_path, monkeypatch, 180)
+    node = next(n for n in nodes if n.node_id == node_id)
     c.remove_node(node, allow_graceful=False)  # the whole node: raylet and every worker on it
     driver.join(timeout=300)
     assert not driver.is_alive(), "collection did not finish after losing a node"
