@@ -216,8 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-fraction", type=float, default=1.0, help="train on this nested part of the training "
                    "sweeps (size curves; the validation sweeps stay the same)")
     p.add_argument("--shuffle-buffer", type=int, default=65536, help="rows in each worker's local shuffle buffer")
-    p.add_argument("--inputs", choices=INPUT_MODES, default="scaled", help="KNOWN's input mode (known.model): raw "
-                   "values (the paper), scaled (centred, divided by the path length) or rms (divided by the tensor's RMS)")
+    p.add_argument("--inputs", choices=INPUT_MODES, default="rms", help="KNOWN's input mode (known.model): raw "
+                   "values (the paper), scaled (centred, divided by the path length) or rms (divided by the tensor's "
+                   "RMS; the best on held-out sweeps, README)")
     p.add_argument("--sweeps-per-block", type=int, default=16, help="sweeps whose windows are permuted together "
                    "before the shuffle buffer: the batches then mix that many sweeps")
     p.add_argument("--keep-unlearned", action="store_true", help="also train on sweeps whose Θ0 stayed within "
