@@ -255,13 +255,15 @@ def log_to_mlflow(numbers: dict, report: str, roots: dict[str, str], tracking: s
 
 def _load_knowns(specs: list[str]) -> dict[str, dict]:
     """name -> models for each ``--known`` (``models:/…``, a folder, or ``shipped``)."""
+    from mlflow.exceptions import MlflowException
+
     from known import registry
 
     out = {}
     for spec in specs:
         try:
             out[f"KNOWN {spec}"] = registry.load(None if spec == "shipped" else spec)
-        except (FileNotFoundError, ValueError, OSError) as e:
+        except (FileNotFoundError, ValueError, OSError, MlflowException) as e:
             raise PredictabilityError(f"--known {spec}: {e}") from e
     return out
 
@@ -281,14 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+            raise PredictabilityError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         roots = {Path(storage.resolve(r)[1].rstrip("/")).name or r: r for r in args.roots}
         if len(roots) != len(args.roots):
             raise PredictabilityError(f"roots {args.roots} do not have distinct folder names (they label the protocols)")
         missing = [r for r in args.roots if not catalog.read(r)]
         if missing:
             raise PredictabilityError(f"no catalog with sweeps under {missing}")
-        if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-            raise PredictabilityError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         knowns = _load_knowns(args.known)
     except (PredictabilityError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ import torch
 from meta import predictability as pr
 from meta.record import SweepRecord
 from meta.shards import Sample
+from conftest import REPO
 
 
 def _sample(traj: np.ndarray, key: str = "abc", acc0: float = 0.9) -> Sample:
@@ -77,4 +78,8 @@ def test_a_given_known_is_scored_on_the_same_windows():
 def test_cli_writes_the_report_and_refuses_an_empty_root(tmp_path, capsys):
     assert pr.main([str(tmp_path / "nothing"), "--no-mlflow"]) == 2
     assert "nothing" in capsys.readouterr().err
+    assert pr.main([str(tmp_path / "nothing"), "--no-mlflow", "--val-fraction", "1.5"]) == 2
+    assert "1.5" in capsys.readouterr().err
+    assert pr.main([str(REPO / "runs" / "x"), str(tmp_path / "x"), "--no-mlflow"]) == 2  # two protocols, one label
+    assert "distinct folder names" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
