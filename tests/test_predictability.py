@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from meta import predictability as pr
 from meta.record import SweepRecord
