@@ -56,9 +56,6 @@ Schedule = Literal["constant", "cosine"]
 OptimizerState = Literal["fresh", "carry"]
 Augment = Literal["none", "crop_flip"]
 
-# A protocol field at its LEGACY_PROTOCOL value (what every sweep collected before the field existed used) is
-# left out of the sweep id, so those sweeps keep their ids.
-
 
 class SweepSpec(_Strict):
     """One forgetting sweep: Θ0 trained on D0, then L-1 stages on nested subsets shrinking by r.
@@ -102,6 +99,8 @@ class SweepSpec(_Strict):
 
     @property
     def sweep_id(self) -> str:
+        """A hash of the spec; a protocol field at its LEGACY_PROTOCOL value (what every sweep collected before
+        the field existed used) is left out, so those sweeps keep their ids."""
         content = {k: v for k, v in self.model_dump(mode="json").items() if LEGACY_PROTOCOL.get(k, ...) != v}
         canon = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]

@@ -74,6 +74,23 @@ class Stream(nn.Module):
         return F.leaky_relu(self.out(h), LEAKY_SLOPE)
 
 
+def prepare(inputs: InputMode, w: torch.Tensor, rms: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(network input, centre, scale) of windows ``w`` [N, S] in input mode ``inputs``: a prediction is
+    centre + scale * residual. ``rms``: each row's tensor RMS at its most-data stage (``segment_rms``), needed
+    by the rms mode."""
+    centre = w[:, -1]
+    if inputs == "raw":
+        return w, centre, torch.ones_like(centre)
+    if inputs == "scaled":
+        scale = (w[:, 1:] - w[:, :-1]).abs().sum(1) + TINY  # path length over the window
+        return (w - centre[:, None]) / scale[:, None], centre, scale
+    if rms is None:
+        raise ValueError("a KNOWN with inputs='rms' needs each window's tensor RMS")
+    scale = rms + TINY
+    return w / scale[:, None], centre, scale
+
+
 class KNOWN(nn.Module):
     def __init__(self, n_stages: int = S, inputs: InputMode = "scaled"):
         super().__init__()
@@ -91,29 +108,13 @@ class KNOWN(nn.Module):
         return torch.tanh(self.head(torch.cat([self.values(w), self.diffs(d)], dim=1))).squeeze(1)
 
     def prepare(self, w: torch.Tensor, rms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(network input, centre, scale) of windows ``w``: prediction = centre + scale * forward(input).
-
-        ``rms``: each row's tensor RMS at its most-data stage (``segment_rms``), needed by the rms mode."""
-        centre = w[:, -1]
-        if self.inputs == "raw":
-            return w, centre, torch.ones_like(centre)
-        if self.inputs == "scaled":
-            scale = (w[:, 1:] - w[:, :-1]).abs().sum(1) + TINY  # path length over the window
-            return (w - centre[:, None]) / scale[:, None], centre, scale
-        if rms is None:
-            raise ValueError("a KNOWN with inputs='rms' needs each window's tensor RMS")
-        scale = rms + TINY
-        return w / scale[:, None], centre, scale
+        """(network input, centre, scale) of windows ``w`` in this KNOWN's input mode (``prepare``)."""
+        return prepare(self.inputs, w, rms)
 
     def step(self, w: torch.Tensor, rms: torch.Tensor | None = None) -> torch.Tensor:
         """The predicted value one stage beyond the most-data stage: w[:, -1] + residual."""
         x, centre, scale = self.prepare(w, rms)
         return centre + scale * self(x)
-
-    def target(self, w: torch.Tensor, y: torch.Tensor, rms: torch.Tensor | None = None) -> torch.Tensor:
-        """The residual the network should output for target ``y``, in its units (may lie beyond ±1)."""
-        _, centre, scale = self.prepare(w, rms)
-        return (y - centre) / scale
 
     def loss(self, w: torch.Tensor, target: torch.Tensor, forward=None, rms: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,17 +50,20 @@ def sweep_windows(sample: Sample, s: int = S) -> dict[str, Windows]:
     out = {}
     for kind in PREDICTED_KINDS:
         found = kind_trajectory(sample, kind)
-        if found is None:
-            continue
-        traj, sizes = found  # [L, N], stage 0 = most data
-        xs, ys, rs = [], [], []
-        for k in window_targets(traj.shape[0], s):
-            xs.append(traj[k + 1 : k + s + 1][::-1].T)  # [N, S]: stage k+S first … k+1 last
-            ys.append(traj[k])
-            rs.append(segment_rms(torch.from_numpy(traj[k + 1]), sizes).numpy())
-        if xs:
-            out[kind] = Windows(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), np.concatenate(rs))
+        if found is not None and (w := trajectory_windows(*found, s)) is not None:
+            out[kind] = w
     return out
+
+
+def trajectory_windows(traj: np.ndarray, sizes: list[int], s: int = S) -> Windows | None:
+    """The ``Windows`` of one kind's trajectory [L, N] (stage 0 = most data; ``sizes``: its tensors laid end to
+    end), or None when it has fewer than S + 1 stages."""
+    xs, ys, rs = [], [], []
+    for k in window_targets(traj.shape[0], s):
+        xs.append(traj[k + 1 : k + s + 1][::-1].T)  # [N, S]: stage k+S first … k+1 last
+        ys.append(traj[k])
+        rs.append(segment_rms(torch.from_numpy(traj[k + 1]), sizes).numpy())
+    return Windows(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), np.concatenate(rs)) if xs else None
 
 
 def is_validation(sweep_id: str, fraction: float) -> bool:

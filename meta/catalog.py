@@ -43,7 +43,7 @@ SCHEMA = pa.schema(
         ("train_size", _i64),
         ("test_size", _i64),
         ("seed", _i64),
-        ("stage_init", _str),  # the forgetting protocol (collectors.config.LEGACY_PROTOCOL: the values before
+        ("stage_init", _str),  # the forgetting protocol (meta.record.LEGACY_PROTOCOL: the values before
         ("schedule", _str),  # these columns existed, which a catalog without them reads as)
         ("optimizer_state", _str),
         ("augment", _str),

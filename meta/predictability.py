@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from known.predict import PREDICTED_KINDS as KINDS
 from meta import catalog, readers, storage
 from meta.shards import Sample
 
 log = logging.getLogger(__name__)
-KINDS = ("conv", "linear", "bias")
 PREDICTORS = ("taskvector", "linearfit", "oracle-Δ", "oracle")
 TINY = 1e-12
 
@@ -107,30 +107,30 @@ def _successive_cosine(traj: np.ndarray) -> float:
 def kind_stats(windows, traj: np.ndarray, knowns: dict) -> KindStats:
     """Every number of one kind of one sweep (``windows``: ``known.windows.Windows``)."""
     from known import baselines
+    from known.model import INPUT_MODES, prepare
 
     x, y, rms = (torch.from_numpy(a).double() for a in (windows.x, windows.y, windows.rms))
-    newest, gap = x[:, -1], (y - x[:, -1]).abs()
+    gap = (y - x[:, -1]).abs()
     st = KindStats(n=len(y), step=gap.sum().item(), cosine=_successive_cosine(traj))
     st.errors = {m: (baselines.predict(m, x) - y).abs().sum().item() for m in ("taskvector", "linearfit")}
     st.errors |= _oracle_errors(x, y)
     with torch.inference_mode():
         for label, model in knowns.items():
             st.errors[label] = (model.step(x.float(), rms.float()).double() - y).abs().sum().item()
-    path = (x[:, 1:] - x[:, :-1]).abs().sum(1)
-    scales = {"raw": torch.ones_like(newest), "scaled": path + TINY, "rms": rms + TINY}  # known.model's input modes
-    st.beyond = {mode: (gap / s > 1).sum().item() for mode, s in scales.items()}
+    st.beyond = {mode: (gap / prepare(mode, x, rms)[2] > 1).sum().item() for mode in INPUT_MODES}
     return st
 
 
 def sweep_stats(sample: Sample, label: str, knowns: dict[str, dict]) -> SweepStats:
     """Every number of one sweep; ``knowns``: name -> {kind: KNOWN}."""
-    from known.windows import kind_trajectory, sweep_windows
+    from known.windows import kind_trajectory, trajectory_windows
 
     rec = sample.record
     kinds = {}
-    for kind, w in sweep_windows(sample).items():
-        traj, _ = kind_trajectory(sample, kind)
-        kinds[kind] = kind_stats(w, traj, {name: m[kind] for name, m in knowns.items()})
+    for kind in KINDS:
+        found = kind_trajectory(sample, kind)
+        if found is not None and (w := trajectory_windows(*found)) is not None:
+            kinds[kind] = kind_stats(w, found[0], {name: m[kind] for name, m in knowns.items()})
     return SweepStats(sample.key, label, rec.family, rec.dataset, rec.learned(),
                       [s.test_acc for s in rec.stages], [s.test_loss for s in rec.stages], kinds)
 
