@@ -23,7 +23,7 @@ from meta import catalog, readers
 
 
 def _train(batches, seed: int) -> tuple[int, float]:
-    models = registry.fresh(seed)
+    models = registry.fresh(seed, "rms")  # known.train's default input mode
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
     rows, t0 = 0, None
     for i, batch in enumerate(batches):
@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--shards", default="runs/demo", help="a collected meta-dataset (default: make demo's)")
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--shuffle-buffer", type=int, default=65536)
+    p.add_argument("--sweeps-per-block", type=int, default=16, help="as known.train's flag")
     p.add_argument("--max-sweeps", type=int, default=8, help="sweeps to use (keeps the in-memory copy small)")
     args = p.parse_args()
     import ray
@@ -54,20 +55,20 @@ def main() -> None:
     rows = []
     for ds_row in readers.ray_dataset(args.shards, where=where).iter_rows():
         rows.append(to_rows({k: [v] for k, v in ds_row.items()}))
-    mem = {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in ("x", "y", "kind")}
+    mem = {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in ("x", "y", "rms", "kind")}
     perm = torch.randperm(len(mem["y"]), generator=torch.Generator().manual_seed(0))
     mem = {k: v[perm] for k, v in mem.items()}
     n = len(mem["y"])
     in_memory = ({k: v[i : i + args.batch_size] for k, v in mem.items()} for i in range(0, n, args.batch_size))
     mem_rows, mem_s = _train(in_memory, 0)
 
-    stream = readers.ray_dataset(args.shards, where=where).map_batches(to_rows, batch_size=1).iter_torch_batches(
+    stream = readers.ray_dataset(args.shards, where=where).map_batches(to_rows, batch_size=args.sweeps_per_block).iter_torch_batches(
         batch_size=args.batch_size, local_shuffle_buffer_size=args.shuffle_buffer, local_shuffle_seed=0)
     st_rows, st_s = _train(stream, 0)
     ratio = (st_rows / st_s) / (mem_rows / mem_s)
     emit("stream_throughput", ratio=round(ratio, 3), target=">= 0.8", streaming_rows_per_s=round(st_rows / st_s),
          in_memory_rows_per_s=round(mem_rows / mem_s), rows=n, sweeps=len(ids), batch_size=args.batch_size,
-         shuffle_buffer=args.shuffle_buffer)
+         shuffle_buffer=args.shuffle_buffer, sweeps_per_block=args.sweeps_per_block)
 
 
 if __name__ == "__main__":
