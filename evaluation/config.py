@@ -12,7 +12,10 @@ from collectors.config import load_yaml_model, parse_model
 from collectors.data import DATASETS
 from known.predict import METHODS
 
-CONTROLS = ("average", "shrink-perturb")
+CONTROLS = ("average", "shrink-perturb", "shrink", "shrink-fixed", "bn-reset", "lr")
+# the protocol fields a meta-dataset records (meta.record.LEGACY_PROTOCOL): the KNOWN under test was
+# meta-trained on one of them, and an evaluation that sweeps differently tests it out of distribution
+PROTOCOL_FIELDS = ("stage_init", "stage_epochs", "schedule", "optimizer_state", "augment")
 
 
 class _Strict(BaseModel):
@@ -57,6 +60,33 @@ class Source(Task):
     stage_epochs: int = Field(default=2, ge=1)
     stage_lr: float = Field(default=1e-3, gt=0)
     bn_images: int = Field(default=2000, ge=1)  # source images to re-estimate BN statistics on
+    stage_cosine: bool = False  # each stage cosine-decayed too (the meta-v2 protocol), not a constant lr
+    stage_init: Literal["sequential", "restart"] = "sequential"
+    optimizer_state: Literal["fresh", "carry"] = "fresh"
+    augment: Literal["none", "crop_flip"] = "none"
+    # the ceiling: Θ0's recipe on supersets of D0 m times its size (m = 1/r^k, the ×data a KNOW step claims)
+    oracles: list[int] = Field(default_factory=list)
+
+    @field_validator("oracles")
+    @classmethod
+    def _oracles(cls, v: list[int]) -> list[int]:
+        if any(m < 2 for m in v) or len(set(v)) != len(v):
+            raise ValueError(f"oracles {v} must be distinct data multipliers >= 2")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _room_for_oracles(self) -> Source:
+        if self.oracles and self.train_size is None:
+            raise ValueError(f"oracles {self.oracles} need a source train_size: D0 must leave room for ×{max(self.oracles)}")
+        return self
+
+    def protocol(self) -> dict:
+        """This sweep in the meta-dataset's protocol terms (``configs/meta-v2.yaml``)."""
+        name = {True: "cosine", False: "constant"}
+        schedule = (name[self.pretrain_cosine] if self.pretrain_cosine == self.stage_cosine
+                    else f"{name[self.pretrain_cosine]} Θ0, {name[self.stage_cosine]} stages")
+        return {"stage_init": self.stage_init, "schedule": schedule, "optimizer_state": self.optimizer_state,
+                "augment": self.augment, "stage_epochs": "pretrain" if self.stage_epochs == self.pretrain_epochs else self.stage_epochs}
 
     @field_validator("family")
     @classmethod
@@ -80,7 +110,9 @@ class Downstream(Task):
     full_lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=32, ge=1)
     seeds: int = Field(default=10, ge=2)  # paired seeds: the same seed gives every method the same subset, head and order
-    bn: Literal["reestimate", "keep"] = "reestimate"  # BN statistics re-estimated on the downstream images first
+    # BN statistics before fine-tuning: re-estimated on the downstream images, kept from the source, or reset
+    # to (0, 1) as the authors' pipeline does for KNOW initialisations (the "bn-reset" control)
+    bn: Literal["reestimate", "keep", "reset"] = "reestimate"
 
 
 class TransferConfig(_Strict):
@@ -93,7 +125,9 @@ class TransferConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["known", "taskvector", "linearfit"])
     steps: int = Field(default=3, ge=1, le=6)  # ×1/r, ×1/r², ×1/r³
     controls: list[str] = Field(default_factory=lambda: list(CONTROLS))
-    shrink_perturb_for: list[str] = Field(default_factory=lambda: ["known"])  # predictors whose update the control matches
+    shrink_perturb_for: list[str] = Field(default_factory=lambda: ["known"])  # predictors whose update the controls match
+    shrink_fixed: float = Field(default=0.8, gt=0, lt=1)  # "shrink-fixed": every predicted tensor × shrink_fixed^k
+    lr_factors: list[float] = Field(default_factory=lambda: [1.5, 2.0])  # "lr": naive fine-tuned at full_lr × these
     scratch: bool = True
     known: str | None = None  # KNOWN: models:/KNOWN@champion, a folder, or None for the shipped one
     known_official: str | None = None  # folder with the authors' KNOWN_{Conv,FC,Bias}.h5
@@ -115,7 +149,7 @@ class TransferConfig(_Strict):
             raise ValueError("give exactly one of `source` (train Θ0 and its sweep) or `from_catalog` (reuse a sweep)")
         if "known-official" in self.methods and not self.known_official:
             raise ValueError("method 'known-official' needs `known_official: <folder with KNOWN_*.h5>`")
-        if "shrink-perturb" in self.controls:
+        if {"shrink-perturb", "shrink"} & set(self.controls):
             bad = [m for m in self.shrink_perturb_for if m not in self.methods]
             if bad:
                 raise ValueError(f"shrink_perturb_for {bad} must be among methods {self.methods}")
@@ -128,6 +162,8 @@ class TransferConfig(_Strict):
         if src is not None and src.dataset == down.dataset and set(src.classes) & set(down.classes):
             raise ValueError(f"source classes {src.classes} and downstream classes {down.classes} of {down.dataset} "
                              f"overlap: the downstream task must be new to the pre-trained model")
+        if any(f <= 0 for f in self.lr_factors):
+            raise ValueError(f"lr_factors {self.lr_factors} must be positive")
         if down.train_size is not None and down.train_size < len(down.classes):
             raise ValueError(f"downstream train_size={down.train_size} is fewer than its {len(down.classes)} classes")
         if src is not None:

@@ -14,23 +14,28 @@ from evaluation.config import Downstream, Task
 from known.predict import reestimate_bn
 
 
-def task_split(task: Task, settings: data.DataSettings, train: bool, seed: int) -> data.Split:
-    """The images of ``task.classes``, labels renumbered 0..n-1 in the order given, then a seeded random
-    ``train_size`` / ``test_size`` of them."""
+def task_indices(task: Task, labels: torch.Tensor, train: bool, seed: int, multiplier: int = 1) -> torch.Tensor:
+    """Indices into the dataset split of a seeded random ``train_size`` (× ``multiplier``) / ``test_size``
+    of the images of ``task.classes``. One permutation per seed, cut at the size: the ×2 and ×4 oracle sets
+    are supersets of D0 by construction."""
+    pool = torch.nonzero(torch.isin(labels, torch.tensor(task.classes))).flatten()
+    size = task.train_size if train else task.test_size
+    if size is None:
+        return pool
+    size *= multiplier
+    if size > len(pool):
+        raise data.DataError(f"{task.dataset} classes {task.classes} have {len(pool)} "
+                             f"{'training' if train else 'test'} images, fewer than the {size} asked for")
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:size]]
+
+
+def task_split(task: Task, settings: data.DataSettings, train: bool, seed: int, multiplier: int = 1) -> data.Split:
+    """The images of ``task_indices``, labels renumbered 0..n-1 in the order of ``task.classes``."""
     full = data.load(task.dataset, settings, train)
-    keep = torch.isin(full.y, torch.tensor(task.classes))
-    x, y = full.x[keep], full.y[keep]
+    idx = task_indices(task, full.y, train, seed, multiplier)
     remap = torch.full((int(full.y.max()) + 1,), -1, dtype=torch.int64)
     remap[torch.tensor(task.classes)] = torch.arange(len(task.classes))
-    y = remap[y]
-    size = task.train_size if train else task.test_size
-    if size is not None:
-        if size > len(y):
-            raise data.DataError(f"{task.dataset} classes {task.classes} have {len(y)} "
-                                 f"{'training' if train else 'test'} images, fewer than the {size} asked for")
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:size]
-        x, y = x[idx], y[idx]
-    return data.Split(x, y)
+    return data.Split(full.x[idx], remap[full.y[idx]])
 
 
 def head_of(model: nn.Module) -> nn.Linear:
@@ -72,6 +77,10 @@ def finetune(init: dict[str, torch.Tensor] | None, family: str, arch: dict, task
         load_backbone(model, init)
         if task.bn == "reestimate":
             reestimate_bn(model, task.dataset, train.x)
+        elif task.bn == "reset":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.reset_running_stats()
     head, gen, idx = head_of(model), torch.Generator().manual_seed(seed), torch.arange(len(train))
     curve: dict[str, list[float]] = {k: [] for k in ("head_train_loss", "head_train_acc", "full_train_loss", "full_train_acc")}
 

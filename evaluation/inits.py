@@ -4,6 +4,9 @@
 - average: the plain mean of Θ0…Θ4 (weight averaging of the trajectory);
 - shrink-perturb (Ash & Adams 2020): θ ← λθ0 + σε, with λ and σ fitted per tensor to a predictor's
   measured update, so a predictor only counts where it beats its own shrink-plus-noise;
+- shrink (σ = 0, λ fitted per tensor to a predictor's update) and scaled (a fixed λ = 0.8^k): does a gain
+  come from the shrink alone? (the naive controls with BN statistics reset and a larger fine-tuning lr are
+  fine-tune settings, in ``evaluation.plan``);
 - decompose: how much of a predictor's update Θ̂ − Θ0 is a uniform shrink of Θ0, and how much more a
   step along Θ0 − Θ1 explains (R² over all predicted scalars).
 """
@@ -50,6 +53,25 @@ def shrink_perturb(theta0: Mapping[str, torch.Tensor], predicted: Mapping[str, t
         sigma = (u - shrink * w0).pow(2).mean().sqrt()
         noise = torch.randn(w0.shape, generator=gen, dtype=torch.float64)
         out[n] = ((1 + shrink) * w0 + sigma * noise).to(theta0[n].dtype)
+    return out
+
+
+def shrink(theta0: Mapping[str, torch.Tensor], predicted: Mapping[str, torch.Tensor], kinds: Mapping[str, str]) -> State:
+    """λθ0 per predicted tensor with λ fitted to ``predicted`` − ``theta0`` and no noise: what the predictor's
+    update is worth if only its uniform shrink mattered (behind BatchNorm, a shrink raises the effective
+    fine-tuning learning rate and changes nothing else)."""
+    out = {n: t.clone() for n, t in theta0.items()}
+    for n in predicted_names(kinds):
+        w0 = theta0[n].double()
+        out[n] = ((1 + _shrink(predicted[n].double() - w0, w0)) * w0).to(theta0[n].dtype)
+    return out
+
+
+def scaled(theta0: Mapping[str, torch.Tensor], kinds: Mapping[str, str], factor: float) -> State:
+    """Every predicted tensor of θ0 times ``factor`` (the fixed-shrink control, λ = 0.8^k)."""
+    out = {n: t.clone() for n, t in theta0.items()}
+    for n in predicted_names(kinds):
+        out[n] = theta0[n] * factor
     return out
 
 

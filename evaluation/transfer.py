@@ -1,17 +1,22 @@
-"""Does KNOW beat naive transfer? One config, one command, everything logged to MLflow.
+"""Does KNOW beat naive transfer, and how much could it? One config, one command, everything in MLflow.
 
     python -m evaluation.transfer --config configs/eval-smoke.yaml
     ray job submit --working-dir . -- python -m evaluation.transfer --config …
 
-1. Pre-train Θ0 on the source task and run its forgetting sweep Θ1…Θ4 (the collector's training code), or
-   take Θ0…Θ4 from a collected sweep (``from_catalog``).
-2. Build initialisations: naive Θ0, each method's predictions ×1/r … ×1/r^steps, and the controls
-   (trajectory average; shrink-and-perturb matched to a predictor's update).
-3. Fine-tune each on the downstream task over paired seeds, in parallel Ray tasks: a head-only phase, then
-   full fine-tuning with cosine decay.
-4. Summarise: mean ± std, paired differences with 95% CIs and p-values, source-task accuracy of every
-   initialisation (BN re-estimated), the update decomposition, wall time per phase. One MLflow parent
-   run per experiment with a child run per (initialisation, seed); tables and plots on the parent.
+Read ``main`` top to bottom; each step is one function:
+
+1. ``prepare_trajectories``: per pre-training seed, Θ0 on D0 and its forgetting sweep Θ1…Θ4 (the protocol of
+   the config, which should be the one the KNOWN under test was meta-trained on: ``protocol_check``), and the
+   oracles, Θ0's recipe on supersets of D0 ×2, ×4 — all as parallel Ray tasks, kept as artifacts of the parent
+   run; or Θ0…Θ4 from a collected sweep (``from_catalog``).
+2. ``build_inits``: naive Θ0, each method's predictions ×1/r … ×1/r^steps, the oracles, and the controls that
+   say where a gain comes from (trajectory average; shrink-and-perturb and a pure shrink fitted to a
+   predictor's update; a fixed 0.8^k shrink; naive with BN statistics reset; naive at 1.5× / 2× the lr).
+3. ``plan_jobs`` / ``run_finetunes``: every (initialisation, pre-training seed, seed) fine-tune not already
+   finished, as Ray tasks; each is logged as a child run the moment it finishes (``evaluation.tracking``),
+   so a killed experiment loses only the fine-tunes in flight and the same command continues it.
+4. ``write_artifacts``: the summary (``evaluation.summary``: paired CIs, Holm, oracle gap and the fraction
+   of it closed), tables and plots on the parent run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -27,29 +33,32 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from collectors import data, zoo
 from collectors.config import ConfigError
-from collectors.sweep import StagePlan, evaluate, nested_subsets, train_stages
+from collectors.sweep import Protocol, StagePlan, evaluate, nested_subsets, train_stages
 from evaluation import inits as initmod
-from evaluation import plots, stats
-from evaluation.config import Task, TransferConfig, load_config
-from evaluation.finetune import finetune, task_split
+from evaluation import plots, summary, tracking
+from evaluation.config import PROTOCOL_FIELDS, Downstream, Source, Task, TransferConfig, load_config
+from evaluation.finetune import task_split
 from known.model import S
 from known.predict import reestimate_bn, retrodict
+from known.tracking import tracking_uri, use_tracking
 
-EXPERIMENT = "oblivion-transfer"
+log = logging.getLogger(__name__)
+EXPERIMENT, ROLE_TAG = summary.EXPERIMENT, summary.ROLE_TAG
 
 
 class FinetuneError(RuntimeError):
     """Fine-tunes that raised; the message lists them (the run is marked failed, nothing is summarised)."""
-ROLE_TAG = "oblivion.role"
 
 
 @dataclass
 class Trajectory:
-    """Θ0…Θ4 of one pre-trained model and what is needed to rebuild and evaluate it."""
+    """Θ0…Θ4 of one pre-trained model, its oracles (×m data -> Θ0's recipe on it), and what is needed to
+    rebuild and evaluate them."""
 
     stages: list[dict[str, torch.Tensor]]
     kinds: dict[str, str]
@@ -59,27 +68,139 @@ class Trajectory:
     r: float
     bn_images: int
     wall: dict[str, float] = field(default_factory=dict)
+    oracles: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     source_data: tuple | None = None  # (BN images, test split) of the source task, loaded on first use
 
 
-def pretrain_and_sweep(cfg: TransferConfig, pseed: int, settings: data.DataSettings) -> Trajectory:
-    """Θ0 trained on the source task (cosine-decayed when the config says so), then S−1 fine-tunes on
-    nested subsets shrinking by r, with the collector's ``train_stages``."""
-    src = cfg.source
-    train = task_split(src, settings, True, pseed)
+@dataclass
+class Init:
+    """One initialisation to fine-tune from: its description (logged with every child run), its weights
+    (None: from scratch), and what its fine-tune changes (the bn-reset and lr controls)."""
+
+    desc: dict
+    state: dict[str, torch.Tensor] | None
+    finetune: dict = field(default_factory=dict)
+
+
+# -- 1. trajectories ---------------------------------------------------------------------------------------
+
+def pretrain(src: Source, pseed: int, settings: data.DataSettings, multiplier: int) -> tuple[list[dict], list[float]]:
+    """Θ0 on D0 (× ``multiplier``: an oracle) with the config's recipe; for D0 itself also the S−1 sweep
+    stages on nested subsets shrinking by r. The same seed gives D0 and its oracles the same initial weights
+    and a superset of the same images. Returns the snapshots and the seconds per stage."""
+    train = task_split(src, settings, True, pseed, multiplier)
     test = task_split(src, settings, False, 0)
     torch.manual_seed(pseed)
     info = data.DATASETS[src.dataset]
     model = zoo.build(src.family, src.arch, info.channels, len(src.classes))
-    kinds = zoo.tensor_kinds(model)
-    subsets = nested_subsets(len(train), None, src.r, S, pseed)
-    plans = [StagePlan(src.pretrain_epochs, src.pretrain_lr, src.pretrain_cosine)] + [StagePlan(src.stage_epochs, src.stage_lr)] * (S - 1)
+    n_stages = S if multiplier == 1 else 1
+    subsets = nested_subsets(len(train), None, src.r, n_stages, pseed)
+    plans = [StagePlan(src.pretrain_epochs, src.pretrain_lr, src.pretrain_cosine)]
+    plans += [StagePlan(src.stage_epochs, src.stage_lr, src.stage_cosine)] * (n_stages - 1)
+    protocol = Protocol(src.stage_init == "restart", src.optimizer_state == "carry",
+                        torch.Generator().manual_seed(pseed + 3) if src.augment == "crop_flip" else None)
     walls: list[float] = []
-    metrics, snaps = train_stages(model, train, test, subsets, plans, dataset=src.dataset, optimizer=src.optimizer,
-                                  batch_size=src.batch_size, gen=torch.Generator().manual_seed(pseed + 1),
-                                  on_stage=lambda m: walls.append(m.wall_s))
+    _, snaps = train_stages(model, train, test, subsets, plans, dataset=src.dataset, optimizer=src.optimizer,
+                            batch_size=src.batch_size, gen=torch.Generator().manual_seed(pseed + 1),
+                            on_stage=lambda m: walls.append(m.wall_s), protocol=protocol)
+    return snaps, walls
+
+
+def _pretrain_job(src_json: str, pseed: int, settings: data.DataSettings, multiplier: int):
+    import torch  # imported here: run as ``python -m``, this module is __main__ and Ray would pickle its globals
+
+    from evaluation.config import Source
+    from evaluation.transfer import pretrain
+
+    torch.set_num_threads(1)
+    return pretrain(Source.model_validate_json(src_json), pseed, settings, multiplier)
+
+
+def _trajectory(cfg: TransferConfig, snaps: list[dict], walls: list[float], oracles: dict, oracle_s: float) -> Trajectory:
+    src = cfg.source
+    info = data.DATASETS[src.dataset]
+    kinds = zoo.tensor_kinds(zoo.build(src.family, src.arch, info.channels, len(src.classes)))
     return Trajectory(snaps, kinds, src.family, src.arch, src, src.r, src.bn_images,
-                      {"pretrain_s": walls[0], "sweep_s": sum(walls[1:])})
+                      {"pretrain_s": walls[0], "sweep_s": sum(walls[1:]), "oracle_pretrain_s": oracle_s}, oracles)
+
+
+def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_id: str) -> dict[int, Trajectory]:
+    """Every pre-training seed's trajectory and oracles: from the parent run's artifacts where an earlier,
+    killed run of this config left them, else trained now (one Ray task per model) and stored there."""
+    import ray
+    from tqdm import tqdm
+
+    cached = {p: t for p in cfg.pretrain_seeds if (t := load_trajectory(cfg, run_id, p)) is not None}
+    remote = ray.remote(num_cpus=1, max_retries=1)(_pretrain_job)
+    todo = {(p, m): remote.remote(cfg.source.model_dump_json(), p, settings, m)
+            for p in cfg.pretrain_seeds if p not in cached for m in [1, *cfg.source.oracles]}
+    got = {}
+    with tqdm(total=len(todo), desc="pre-training (Θ0 + sweep, oracles)", unit="model") as bar:
+        pending = dict(zip(todo.values(), todo.keys()))
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            got[pending.pop(done[0])] = ray.get(done[0])
+            bar.update(1)
+    for p in cfg.pretrain_seeds:
+        if p in cached:
+            continue
+        snaps, walls = got[(p, 1)]
+        oracles = {m: got[(p, m)][0][0] for m in cfg.source.oracles}
+        cached[p] = _trajectory(cfg, snaps, walls, oracles, sum(got[(p, m)][1][0] for m in cfg.source.oracles))
+        save_trajectory(cached[p], run_id, p)
+    return cached
+
+
+def save_trajectory(traj: Trajectory, run_id: str, pseed: int) -> None:
+    """Θ0…Θ4 and the oracles as safetensors artifacts of the parent run; ``wall.json`` is written last and
+    marks the set complete."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        for k, st in enumerate(traj.stages):
+            safetensors.torch.save_file({n: t.contiguous() for n, t in st.items()}, f"{d}/stage{k}.safetensors")
+        for m, st in traj.oracles.items():
+            safetensors.torch.save_file({n: t.contiguous() for n, t in st.items()}, f"{d}/oracle_x{m}.safetensors")
+        mlflow.log_artifacts(d, artifact_path=f"trajectories/p{pseed}")
+        Path(d, "wall.json").write_text(json.dumps(traj.wall))
+        mlflow.log_artifact(f"{d}/wall.json", artifact_path=f"trajectories/p{pseed}")
+
+
+def load_trajectory(cfg: TransferConfig, run_id: str, pseed: int) -> Trajectory | None:
+    import mlflow
+
+    path = f"trajectories/p{pseed}"
+    names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
+    if "wall.json" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=d))
+        snaps = [safetensors.torch.load_file(str(local / f"stage{k}.safetensors")) for k in range(S)]
+        oracles = {m: safetensors.torch.load_file(str(local / f"oracle_x{m}.safetensors")) for m in cfg.source.oracles}
+        wall = json.loads((local / "wall.json").read_text())
+    log.info("pre-training seed %d: trajectory and oracles from the parent run's artifacts", pseed)
+    return _trajectory(cfg, snaps, [wall["pretrain_s"], wall["sweep_s"]], oracles, wall.get("oracle_pretrain_s", 0.0))
+
+
+def protocol_check(cfg: TransferConfig) -> tuple[dict | None, str | None]:
+    """The evaluation sweep's protocol and, where the config tests a KNOWN whose meta-training protocol is
+    recorded (the shipped one's ``PROVENANCE.json``, or a folder's), a line naming every field that differs."""
+    if cfg.source is None:
+        return None, None
+    ours = cfg.source.protocol()
+    if "known" not in cfg.methods:
+        return ours, None
+    from known import registry
+
+    prov = (Path(cfg.known) if cfg.known and not cfg.known.startswith("models:/") else registry.SHIPPED) / "PROVENANCE.json"
+    theirs = json.loads(prov.read_text()).get("protocol") if prov.is_file() else None
+    if theirs is None:
+        return ours, f"protocol: the KNOWN under test records no meta-training protocol; this evaluation sweeps with {ours}."
+    diff = {k: (ours[k], theirs.get(k)) for k in PROTOCOL_FIELDS if ours[k] != theirs.get(k)}
+    if not diff:
+        return ours, "protocol: the evaluation sweep follows the KNOWN's meta-training protocol (" + ", ".join(f"{k} {v}" for k, v in ours.items()) + ")."
+    return ours, ("protocol MISMATCH: the KNOWN was meta-trained on other sweeps than it is tested on here — "
+                  + "; ".join(f"{k}: here {a}, meta-training {b}" for k, (a, b) in diff.items()) + ".")
 
 
 def from_catalog(cfg: TransferConfig) -> Trajectory:
@@ -122,37 +243,72 @@ def source_accuracy(traj: Trajectory, state: dict, settings: data.DataSettings, 
         reestimate_bn(model, traj.task.dataset, bn_x)
     return evaluate(model, traj.task.dataset, test)[1]
 
+# -- 2. initialisations -----------------------------------------------------------------------------------
 
-def build_inits(cfg: TransferConfig, traj: Trajectory, models: dict) -> tuple[dict, list[dict], dict]:
-    """init id -> (description, state); the update decomposition rows; prediction seconds per method."""
-    r = traj.r
-    out = {"naive": ({"method": "naive", "step": 0}, traj.stages[0])}
+def build_inits(cfg: TransferConfig, traj: Trajectory, models: dict) -> tuple[dict[str, Init], list[dict], dict]:
+    """init id -> Init; the update decomposition rows; prediction seconds per method."""
+    r, theta0 = traj.r, traj.stages[0]
+    out = {"naive": Init({"method": "naive", "step": 0}, theta0)}
+    for m, state in traj.oracles.items():
+        out[f"oracle-x{m}"] = Init({"method": "oracle", "step": round(math.log(m) / math.log(1 / r), 3), "multiplier": m}, state)
     if "average" in cfg.controls:
-        out["average"] = ({"method": "average", "step": 0}, initmod.average(traj.stages, traj.kinds))
+        out["average"] = Init({"method": "average", "step": 0}, initmod.average(traj.stages, traj.kinds))
+    if "bn-reset" in cfg.controls:
+        out["naive-bnreset"] = Init({"method": "bn-reset", "step": 0}, theta0, {"bn": "reset"})
+    if "lr" in cfg.controls:
+        for f in cfg.lr_factors:
+            out[f"naive-lr{f:g}"] = Init({"method": "lr", "lr_factor": f, "step": 0}, theta0, {"full_lr": cfg.downstream.full_lr * f})
+    if "shrink-fixed" in cfg.controls:
+        for k in range(1, cfg.steps + 1):
+            lam = cfg.shrink_fixed ** k
+            out[f"scaled-{k}"] = Init({"method": "scaled", "lambda": round(lam, 6), "step": k}, initmod.scaled(theta0, traj.kinds, lam))
     decomposition, wall = [], {}
     for method in cfg.methods:
         t0 = time.perf_counter()
         preds = retrodict(traj.stages, cfg.steps, method, models=models.get(method), kinds=traj.kinds)
         wall[method] = time.perf_counter() - t0
         for k, pred in enumerate(preds, 1):
-            out[f"{method}-{k}"] = ({"method": method, "step": k}, pred)
-            decomposition.append({"init": f"{method}-{k}", **initmod.decompose(traj.stages[0], traj.stages[1], pred, traj.kinds)})
-            if "shrink-perturb" in cfg.controls and method in cfg.shrink_perturb_for:
-                sp = initmod.shrink_perturb(traj.stages[0], pred, traj.kinds, seed=cfg.seed + k)
-                out[f"sp-{method}-{k}"] = ({"method": "shrink-perturb", "matches": method, "step": k}, sp)
-    for name, (desc, _) in out.items():
-        desc["multiplier"] = round((1 / r) ** desc["step"], 4)
+            out[f"{method}-{k}"] = Init({"method": method, "step": k}, pred)
+            decomposition.append({"init": f"{method}-{k}", **initmod.decompose(theta0, traj.stages[1], pred, traj.kinds)})
+            if method not in cfg.shrink_perturb_for:
+                continue
+            if "shrink-perturb" in cfg.controls:
+                sp = initmod.shrink_perturb(theta0, pred, traj.kinds, seed=cfg.seed + k)
+                out[f"sp-{method}-{k}"] = Init({"method": "shrink-perturb", "matches": method, "step": k}, sp)
+            if "shrink" in cfg.controls:
+                out[f"shrink-{method}-{k}"] = Init({"method": "shrink", "matches": method, "step": k},
+                                                   initmod.shrink(theta0, pred, traj.kinds))
+    for init in out.values():
+        init.desc.setdefault("multiplier", round((1 / r) ** init.desc["step"], 4))
     return out, decomposition, wall
 
 
+# -- 3. fine-tunes ----------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    key: tracking.Key
+    init: Init
+    traj: Trajectory
+
+
+def plan_jobs(cfg: TransferConfig, trajs: dict[int, Trajectory], inits: dict[int, dict[str, Init]],
+              done: dict[tracking.Key, dict]) -> list[Job]:
+    """Every (initialisation, pre-training seed, seed) fine-tune of the config that has no finished child run."""
+    seeds = [cfg.seed + i for i in range(cfg.downstream.seeds)]
+    scratch = {"scratch": Init(dict(summary.SCRATCH), None)} if cfg.scratch else {}
+    return [Job((name, p, seed), init, trajs[p]) for p in trajs for name, init in {**scratch, **inits[p]}.items()
+            for seed in seeds if (name, p, seed) not in done]
+
+
 def _finetune_job(init, family, arch, task_json, settings, seed):
-    from evaluation.config import Downstream
+    from evaluation.finetune import finetune
 
     return finetune(init, family, arch, Downstream.model_validate_json(task_json), settings, seed)
 
 
-def run_finetunes(jobs: list[tuple], workers: int | None) -> list[dict]:
-    """Run every (key, init, family, arch, task, settings, seed) fine-tune as a Ray task, one CPU each."""
+def run_finetunes(jobs: list[Job], task: Downstream, settings: data.DataSettings, workers: int | None, on_result) -> list[dict]:
+    """Run every job as a Ray task, one CPU each; ``on_result`` gets each result as it finishes (and logs it)."""
     import ray
     from tqdm import tqdm
 
@@ -164,179 +320,74 @@ def run_finetunes(jobs: list[tuple], workers: int | None) -> list[dict]:
     with tqdm(total=len(jobs), desc="fine-tunes", unit="run") as bar:
         while pending or refs:
             while pending and len(refs) < limit:
-                key, init, family, arch, task, settings, seed = pending.pop(0)
-                if init is not None and id(init) not in put:
-                    put[id(init)] = ray.put(init)
-                ref = remote.remote(put[id(init)] if init is not None else None, family, arch, task.model_dump_json(), settings, seed)
-                keys[ref] = key
+                job = pending.pop(0)
+                state = job.init.state
+                if state is not None and id(state) not in put:
+                    put[id(state)] = ray.put(state)
+                ref = remote.remote(put[id(state)] if state is not None else None, job.traj.family, job.traj.arch,
+                                    task.model_copy(update=job.init.finetune).model_dump_json(), settings, job.key[2])
+                keys[ref] = job.key
                 refs.append(ref)
             done, refs = ray.wait(refs, num_returns=1)
-            key = keys.pop(done[0])
+            (init, pseed, seed) = keys.pop(done[0])
             try:
-                results.append({**key, **ray.get(done[0])})
+                result = {"init": init, "pretrain_seed": pseed, "seed": seed, **ray.get(done[0])}
             except ray.exceptions.RayError as e:  # recorded, so one bad fine-tune does not hide the others
-                failures.append(f"{key}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+                failures.append(f"{(init, pseed, seed)}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+            else:
+                on_result(result)
+                results.append(result)
             bar.update(1)
     if failures:
         raise FinetuneError(f"{len(failures)} of {len(jobs)} fine-tunes failed:\n  " + "\n  ".join(failures[:10]))
     return results
 
 
-def summarize(results: list[dict], inits: dict, source_acc: dict) -> tuple[list[dict], list[dict]]:
-    """Per-initialisation rows and paired comparisons of every KNOW initialisation to naive, to TaskVector
-    and to its shrink-and-perturb control at the same step. Pairs are (pre-training seed, downstream seed).
+# -- 4. summary and artifacts -----------------------------------------------------------------------------
 
-    Two corrections keep the evidence honest: ``p_holm`` is Holm-adjusted over all KNOW comparisons of the
-    experiment (a dozen tests give a p < 0.05 by chance often), and with several pre-training seeds
-    ``p_pretrain`` tests with the pre-training seed as the unit (downstream seeds under one pre-trained
-    model are not independent draws of a pre-trained model, so the pooled p is optimistic)."""
-    by = {}
-    for r in results:
-        by.setdefault(r["init"], {})[(r["pretrain_seed"], r["seed"])] = r
-    order = [i for i in ["scratch", *inits] if i in by]
-    pairs = sorted(by["naive"])
-    clusters = [p[0] for p in pairs]
-    several = len(set(clusters)) > 1
+def write_artifacts(cfg: TransferConfig, results: list[dict], descs: dict, trajs: dict[int, Trajectory], extras: dict,
+                    settings: data.DataSettings) -> str:
+    """Summarise ``results`` and log the tables, JSON and plots on the active (parent) run; returns the markdown."""
+    import mlflow
 
-    def vals(init, phase):
-        return [by[init][p][f"acc_{phase}"] for p in pairs]
-
-    def compare(init, ref, phase) -> dict:
-        a, b = vals(init, phase), vals(ref, phase)
-        p = stats.paired(a, b)
-        out = {"d": p.mean, "ci_low": p.ci_low, "ci_high": p.ci_high, "p": p.p, "n": p.n, "wins": p.wins}
-        if several:
-            out["p_pretrain"] = stats.clustered(a, b, clusters).p
-        return out
-
-    rows = []
-    for init in order:
-        desc = inits[init][0] if init in inits else {"method": "scratch", "step": 0, "multiplier": 0}
-        row = {"init": init, "method": desc["method"], "step": desc["step"], "multiplier": desc["multiplier"],
-               "n": len(pairs), "source_acc": source_acc.get(init, float("nan"))}
-        for phase in ("head", "full"):
-            row[f"{phase}_mean"], row[f"{phase}_std"] = stats.mean_std(vals(init, phase))
-            if init != "naive":
-                c = compare(init, "naive", phase)
-                row.update({f"{phase}_d_naive": c["d"], f"{phase}_ci_low": c["ci_low"], f"{phase}_ci_high": c["ci_high"], f"{phase}_p": c["p"]})
-                if several:
-                    row[f"{phase}_p_pretrain"] = c["p_pretrain"]
-        rows.append(row)
-    comparisons = []
-    for init in order:
-        desc = inits.get(init, ({},))[0]
-        if not str(desc.get("method", "")).startswith("known"):
-            continue
-        refs = ["naive", f"taskvector-{desc['step']}", f"sp-{desc['method']}-{desc['step']}"]
-        for ref in [r for r in refs if r in by]:
-            for phase in ("head", "full"):
-                comparisons.append({"init": init, "method": desc["method"], "reference": ref, "phase": phase,
-                                    **compare(init, ref, phase)})
-    for c, adj in zip(comparisons, stats.holm([c["p"] for c in comparisons])):
-        c["p_holm"] = adj
-    return rows, comparisons
-
-
-def markdown(cfg: TransferConfig, rows, comparisons, decomposition, curves, wall, verdicts) -> str:
-    pct = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"  # noqa: E731
-    lines = [f"### {cfg.name}", "", *[f"- {v}" for v in verdicts], "",
-             "| init | ×data | source acc (BN re-est.) | head-only acc | Δ vs naive [95% CI] | full FT acc | Δ vs naive [95% CI] |",
-             "|---|---|---|---|---|---|---|"]
+    rows, comparisons = summary.summarize(results, descs, extras["source_acc"])
+    gaps = summary.oracle_gaps(results, descs)
+    first = trajs[next(iter(trajs))]
+    test_n = len(task_split(first.task, settings, False, 0))
+    verdict = summary.verdicts(rows, comparisons, extras["curves"], test_n, gaps)
+    if extras["protocol_note"]:
+        verdict.insert(0, extras["protocol_note"])
+    wall = extras["wall"]
+    md = summary.markdown(cfg.name, rows, comparisons, gaps, extras["decomposition"], extras["curves"], wall, verdict, extras["protocol"])
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+        (d / "summary.csv").write_text(buf.getvalue())
+        (d / "summary.md").write_text(md)
+        (d / "summary.json").write_text(json.dumps({"rows": rows, "comparisons": comparisons, "gaps": gaps,
+                                                     "decomposition": extras["decomposition"], "protocol": extras["protocol"],
+                                                     "curves": {str(k): v for k, v in extras["curves"].items()}, "wall": wall,
+                                                     "verdicts": verdict}, indent=1))
+        plots.accuracy(rows, d / "accuracy.png")
+        plots.forgetting(extras["curves"], d / "forgetting_curve.png")
+        shown = {k: s for k, s in extras["first_states"].items()
+                 if (k.endswith("-1") and not k.startswith(("sp-", "shrink-", "scaled-"))) or k in ("known-3", "average", "oracle-x2")}
+        _, off = plots.pca_plane(first.stages, shown, initmod.predicted_names(first.kinds),
+                                 lambda st: source_accuracy(first, st, settings, True), d / "pca_plane.png")
+        mlflow.log_metrics({f"{k}.pca_off_plane": v for k, v in off.items()})
+        mlflow.log_artifacts(str(d))
+    mlflow.log_metrics(dict(wall))
     for r in rows:
-        cells = [r["init"], f"{r['multiplier']:g}" if r["method"] != "scratch" else "–", pct(r["source_acc"])]
-        for phase in ("head", "full"):
-            cells.append(f"{pct(r[f'{phase}_mean'])} ± {pct(r[f'{phase}_std'])}")
-            cells.append("–" if r["init"] == "naive" else
-                         f"{100 * r[f'{phase}_d_naive']:+.2f} [{100 * r[f'{phase}_ci_low']:+.2f}, {100 * r[f'{phase}_ci_high']:+.2f}] p={r[f'{phase}_p']:.3g}")
-        lines.append("| " + " | ".join(cells) + " |")
-    if comparisons:
-        several = "p_pretrain" in comparisons[0]
-        lines += ["", f"KNOW comparisons ({len(comparisons)} tests; Holm-adjusted p over all of them"
-                  + ("; p with pre-training seeds as the unit" if several else "") + "):", "",
-                  "| KNOW init | vs | phase | Δ acc (points) [95% CI] | p | p Holm |" + (" p pre-train seeds |" if several else "") + " wins/n |",
-                  "|---|---|---|---|---|---|" + ("---|" if several else "") + "---|"]
-        for c in comparisons:
-            lines.append(f"| {c['init']} | {c['reference']} | {c['phase']} | {100 * c['d']:+.2f} [{100 * c['ci_low']:+.2f}, "
-                         f"{100 * c['ci_high']:+.2f}] | {c['p']:.3g} | {c['p_holm']:.3g} |"
-                         + (f" {c['p_pretrain']:.3g} |" if several else "") + f" {c['wins']}/{c['n']} |")
-    if decomposition:
-        lines += ["", "Update decomposition u = Θ̂ − Θ0 (pre-training seed 1st): λ = fitted shrink (1 = none), R² of "
-                  "u ≈ (λ−1)Θ0, and of u ≈ (λ−1)Θ0 + β(Θ0−Θ1); ‖u‖/‖Θ0‖.", "",
-                  "| init | λ | R² shrink | R² shrink + direction | ‖u‖/‖Θ0‖ |", "|---|---|---|---|---|"]
-        for d in decomposition:
-            lines.append(f"| {d['init']} | {d['lambda']:.4f} | {d['r2_shrink']:.3f} | {d['r2_shrink_dir']:.3f} | {d['update_rel']:.4f} |")
-    lines += ["", "Source-task accuracy by stage (Θ0 … Θ4), BN statistics re-estimated / kept:", ""]
-    for seed, c in curves.items():
-        lines.append(f"- pre-training seed {seed}: " + " ".join(pct(a) for a in c["bn_reestimated"]) +
-                     " / " + " ".join(pct(a) for a in c["bn_kept"]))
-    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in wall.items())]
-    return "\n".join(lines) + "\n"
+        mlflow.log_metrics({f"{r['init']}.{k}": v for k, v in r.items() if isinstance(v, float) and not math.isnan(v) and k != "multiplier"})
+    for g in gaps:
+        mlflow.log_metric(f"{g['oracle']}.{g['phase']}_gap", g["gap"])
+    return md
 
 
-def verdicts(rows, comparisons, curves, test_n: int) -> list[str]:
-    """Plain-language conclusions the numbers support (and nothing more)."""
-    out = []
-    by = {r["init"]: r for r in rows}
-    for phase, label in (("head", "head-only phase"), ("full", "full fine-tuning")):
-        if "scratch" not in by:
-            break
-        s = by["scratch"]
-        d, lo, p = -s[f"{phase}_d_naive"], -s[f"{phase}_ci_high"], s[f"{phase}_p"]
-        clear = lo > 0 and p < 0.05
-        out.append(f"pre-training vs scratch ({label}): {100 * d:+.2f} points (CI low {100 * lo:+.2f}, p={p:.3g}) — "
-                   + ("pre-training helps clearly." if clear else "pre-training does NOT beat scratch clearly: this phase cannot show anything."))
-    for seed, c in curves.items():
-        a0, a4 = c["bn_reestimated"][0], c["bn_reestimated"][-1]
-        se = math.sqrt(max(a0 * (1 - a0) + a4 * (1 - a4), 1e-12) / test_n)
-        out.append(f"forgetting (seed {seed}): source accuracy Θ0 {100 * a0:.2f} → Θ4 {100 * a4:.2f} ({100 * (a0 - a4):+.2f} points, "
-                   f"2·SE {200 * se:.2f}) — " + ("forgetting shows." if a0 - a4 > 2 * se else "no clear forgetting."))
-    for phase, label in (("head", "the head-only phase"), ("full", "full fine-tuning")):
-        wins = [c for c in comparisons if c["reference"] == "naive" and c["phase"] == phase and c["d"] > 0 and c["p"] < 0.05]
-        for win in wins:
-            others = [c for c in comparisons if c["init"] == win["init"] and c["phase"] == phase and c["reference"] != "naive"]
-            vs = "; ".join(f"vs {c['reference']} {100 * c['d']:+.2f} (p={c['p']:.3g})" for c in others)
-            ok = bool(others) and all(c["d"] > 0 and c["p"] < 0.05 for c in others)
-            out.append(f"{win['init']} beats naive after {label} ({100 * win['d']:+.2f}, p={win['p']:.3g}, Holm {win['p_holm']:.3g}"
-                       + (f", over pre-training seeds p={win['p_pretrain']:.3g}" if "p_pretrain" in win else "") + ")"
-                       + (f"; {vs}" if vs else "") + (" — beats every control at its step." if ok else " — but not every control at its step."))
-        if not wins:
-            out.append(f"no KNOW initialisation beats naive transfer with p < 0.05 after {label}.")
-    out.append(target(comparisons))
-    return out
-
-
-def target_hits(ours, key: str) -> list[str]:
-    """Issue 4's bar: where our KNOWN beats naive and TaskVector at the same step and phase with ``key``
-    (p, p_holm or p_pretrain) < 0.05. ``ours``: the comparisons of our KNOWN only (``target_results``)."""
-    hits = []
-    for c in ours:
-        if c["reference"] == "naive" and c["d"] > 0 and c[key] < 0.05:
-            tv = [t for t in ours if t["init"] == c["init"] and t["phase"] == c["phase"] and t["reference"].startswith("taskvector")]
-            if tv and all(t["d"] > 0 and t[key] < 0.05 for t in tv):
-                hits.append(f"{c['init']} {c['phase']}")
-    return hits
-
-
-def target_results(comparisons) -> dict[str, list[str]] | None:
-    """``target_hits`` under each test the experiment has (raw p, Holm, and the pre-training seed as the unit
-    where there are several); None when our KNOWN was not evaluated. "Ours" is method ``known``: the authors'
-    ``known-official`` does not count."""
-    ours = [c for c in comparisons if c["method"] == "known"]
-    if not ours:
-        return None
-    return {key: target_hits(ours, key) for key in ["p", "p_holm"] + (["p_pretrain"] if "p_pretrain" in ours[0] else [])}
-
-
-def target(comparisons) -> str:
-    res = target_results(comparisons)
-    if res is None:
-        return "target (our KNOWN beats naive and TaskVector, p < 0.05): not measured (no `known` method in this config)."
-    labels = {"p": "", "p_holm": "after Holm adjustment: ", "p_pretrain": "with pre-training seeds as the unit: "}
-    return "target (our KNOWN beats naive and TaskVector, p < 0.05): " + "; ".join(
-        labels[key] + (", ".join(hits) or "not met") for key, hits in res.items()) + "."
-
-
-def load_predictors(cfg: TransferConfig, tracking: str | None) -> dict:
+def load_predictors(cfg: TransferConfig, tracking_flag: str | None) -> dict:
     models = {}
     if "known" in cfg.methods:
         from mlflow.exceptions import MlflowException
@@ -344,9 +395,9 @@ def load_predictors(cfg: TransferConfig, tracking: str | None) -> dict:
         from known import registry
 
         try:
-            models["known"] = registry.load(cfg.known, tracking)
+            models["known"] = registry.load(cfg.known, tracking_flag)
         except MlflowException as e:
-            raise FileNotFoundError(f"KNOWN {cfg.known!r} not found in the registry at {registry.tracking_uri(tracking)}: {e}") from e
+            raise FileNotFoundError(f"KNOWN {cfg.known!r} not found in the registry at {tracking_uri(tracking_flag)}: {e}") from e
     if "known-official" in cfg.methods:
         from known.official import load_dir
 
@@ -362,128 +413,111 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment name")
     p.add_argument("--workers", type=int, default=None, help="parallel fine-tunes (default: config, else cluster CPUs)")
+    p.add_argument("--fresh", action="store_true", help="start a new parent run even where an unfinished one of this config exists")
     p.add_argument("--unverified-cifar10", action="store_true", help="accept a locally rebuilt CIFAR-10 (e.g. ../shared/data)")
     return p.parse_args(argv)
 
 
+def describe(cfg: TransferConfig, trajs: dict[int, Trajectory], models: dict, settings: data.DataSettings):
+    """Per pre-training seed: the initialisations, the source-task accuracy of each stage (the forgetting
+    curve) and of each initialisation, the update decomposition (first seed) and the seconds spent."""
+    import mlflow
+
+    inits, source_acc, curves, decomposition, wall = {}, {}, {}, [], {}
+    for p, traj in trajs.items():
+        for k, v in traj.wall.items():
+            wall[k] = wall.get(k, 0.0) + v
+        curves[p] = {"bn_reestimated": [source_accuracy(traj, s, settings, True) for s in traj.stages],
+                     "bn_kept": [source_accuracy(traj, s, settings, False) for s in traj.stages]}
+        for k, a in enumerate(curves[p]["bn_reestimated"]):
+            mlflow.log_metric(f"source_acc_seed{p}", a, step=k)
+        inits[p], dec, pwall = build_inits(cfg, traj, models)
+        for m, s in pwall.items():
+            wall[f"predict_{m}_s"] = wall.get(f"predict_{m}_s", 0.0) + s
+        decomposition = decomposition or dec
+        for name, init in inits[p].items():
+            source_acc.setdefault(name, []).append(source_accuracy(traj, init.state, settings, True))
+    return inits, {"source_acc": {k: sum(v) / len(v) for k, v in source_acc.items()}, "curves": curves,
+                   "decomposition": decomposition, "wall": wall}
+
+
+def check(args: argparse.Namespace):
+    """Everything checkable before any training: the config, the data (D0 and room for every oracle), the
+    predictors, a reused sweep. Returns (config, data settings, predictors, reused trajectory or None)."""
+    cfg = load_config(args.config)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    settings = data.DataSettings(data.resolve_root(args.data_root), False, args.unverified_cifar10 or cfg.unverified_cifar10)
+    needed = {cfg.downstream.dataset} | ({cfg.source.dataset} if cfg.source else set())
+    data.check_available(sorted(needed), settings)
+    task_split(cfg.downstream, settings, True, 0)  # enough images for the asked train_size?
+    for m in [1, *cfg.source.oracles] if cfg.source else []:
+        task_split(cfg.source, settings, True, 0, m)
+    models = load_predictors(cfg, args.tracking_uri)
+    reused = from_catalog(cfg) if cfg.from_catalog else None  # a missing sweep is an error up front
+    return cfg, settings, models, reused
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:  # everything checkable is checked before any training
-        cfg = load_config(args.config)
-        if args.workers is not None and args.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-        settings = data.DataSettings(data.resolve_root(args.data_root), False, args.unverified_cifar10 or cfg.unverified_cifar10)
-        needed = {cfg.downstream.dataset} | ({cfg.source.dataset} if cfg.source else set())
-        data.check_available(sorted(needed), settings)
-        task_split(cfg.downstream, settings, True, 0)  # enough images for the asked train_size?
-        if cfg.source:
-            task_split(cfg.source, settings, True, 0)
-        models = load_predictors(cfg, args.tracking_uri)
-        reused = from_catalog(cfg) if cfg.from_catalog else None  # a missing sweep is an error up front
+    try:
+        cfg, settings, models, reused = check(args)
     except (ConfigError, data.DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import mlflow
     import ray
-    from mlflow.entities import Metric
-
-    from known import registry
 
     if not ray.is_initialized():
         ray.init()
-    uri = registry.use_tracking(args.tracking_uri, args.experiment)
-    workers = args.workers or cfg.workers
-    seeds = [cfg.seed + i for i in range(cfg.downstream.seeds)]
-    with mlflow.start_run(run_name=cfg.name, tags={ROLE_TAG: "experiment"}) as parent:
-        mlflow.log_text(Path(args.config).read_text(), "config.yaml")
-        mlflow.log_params({"config_name": cfg.name, "methods": ",".join(cfg.methods), "steps": cfg.steps,
-                           "downstream": f"{cfg.downstream.dataset}{cfg.downstream.classes}", "downstream_train_size": cfg.downstream.train_size,
-                           "seeds": cfg.downstream.seeds, "pretrain_seeds": ",".join(map(str, cfg.pretrain_seeds)),
-                           "source": f"{cfg.source.dataset}{cfg.source.classes}" if cfg.source else f"catalog:{cfg.from_catalog.sweep_id}"})
-        wall: dict[str, float] = {}
-        jobs, inits_all, source_acc, curves, decomposition = [], {}, {}, {}, []
-        trajs = {}
-        for pseed in cfg.pretrain_seeds if cfg.source else [0]:
-            print(f"pre-training seed {pseed}: Θ0 and its forgetting sweep …", flush=True)
-            traj = pretrain_and_sweep(cfg, pseed, settings) if cfg.source else reused
-            trajs[pseed] = traj
-            for k, v in traj.wall.items():
-                wall[k] = wall.get(k, 0.0) + v
-            curves[pseed] = {"bn_reestimated": [source_accuracy(traj, s, settings, True) for s in traj.stages],
-                             "bn_kept": [source_accuracy(traj, s, settings, False) for s in traj.stages]}
-            for k, a in enumerate(curves[pseed]["bn_reestimated"]):
-                mlflow.log_metric(f"source_acc_seed{pseed}", a, step=k)
-            inits, dec, pwall = build_inits(cfg, traj, models)
-            for m, s in pwall.items():
-                wall[f"predict_{m}_s"] = wall.get(f"predict_{m}_s", 0.0) + s
-            if not decomposition:
-                decomposition = dec
-            inits_all.update({k: v for k, v in inits.items() if k not in inits_all})
-            for name, (_, state) in inits.items():
-                source_acc.setdefault(name, []).append(source_accuracy(traj, state, settings, True))
-            for name, (desc, state) in ([("scratch", ({}, None))] if cfg.scratch else []) + list(inits.items()):
-                for seed in seeds:
-                    jobs.append(({"init": name, "pretrain_seed": pseed, "seed": seed}, state, traj.family, traj.arch,
-                                 cfg.downstream, settings, seed))
-        source_acc = {k: sum(v) / len(v) for k, v in source_acc.items()}
+    uri = use_tracking(args.tracking_uri, args.experiment)
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.get_experiment_by_name(args.experiment).experiment_id
+    text = Path(args.config).read_text()
+    digest = tracking.config_digest(text)
+    resume = None if args.fresh else tracking.unfinished_parent(client, exp_id, digest)
+    run = (mlflow.start_run(run_id=resume) if resume else
+           mlflow.start_run(run_name=cfg.name, tags={ROLE_TAG: "experiment", tracking.CONFIG_TAG: digest}))
+    with run as parent:
+        pid = parent.info.run_id
+        protocol, note = protocol_check(cfg)
+        if not resume:
+            mlflow.log_text(text, "config.yaml")
+            mlflow.log_params({"config_name": cfg.name, "methods": ",".join(cfg.methods), "steps": cfg.steps,
+                               "downstream": f"{cfg.downstream.dataset}{cfg.downstream.classes}", "downstream_train_size": cfg.downstream.train_size,
+                               "seeds": cfg.downstream.seeds, "pretrain_seeds": ",".join(map(str, cfg.pretrain_seeds)),
+                               "source": f"{cfg.source.dataset}{cfg.source.classes}" if cfg.source else f"catalog:{cfg.from_catalog.sweep_id}",
+                               "oracles": ",".join(map(str, cfg.source.oracles)) if cfg.source else "",
+                               **{f"protocol.{k}": v for k, v in (protocol or {}).items()}})
+        done = tracking.finished_children(client, exp_id, pid) if resume else {}
+        if resume:
+            print(f"resuming MLflow run {pid}: {len(done)} fine-tunes already finished", flush=True)
+        trajs = prepare_trajectories(cfg, settings, pid) if cfg.source else {0: reused}
+        inits, extras = describe(cfg, trajs, models, settings)
+        descs = {name: init.desc for name, init in inits[next(iter(inits))].items()}
+        jobs = plan_jobs(cfg, trajs, inits, done)
         t0 = time.perf_counter()
         try:
-            results = run_finetunes(jobs, workers)
+            new = run_finetunes(jobs, cfg.downstream, settings, args.workers or cfg.workers,
+                                lambda r: tracking.log_child(client, exp_id, pid, r, descs.get(r["init"], summary.SCRATCH)))
         except FinetuneError as e:
             print(f"error: {e}", file=sys.stderr)
             mlflow.set_tag("oblivion.error", str(e)[:4000])
             mlflow.end_run("FAILED")
             return 1
+        results = [*done.values(), *new]
+        wall = extras["wall"]
         wall["finetune_s"] = time.perf_counter() - t0
         wall["finetune_per_run_s"] = sum(r["wall_s"] for r in results) / len(results)
-
-        for r in sorted(results, key=lambda r: (r["init"], r["pretrain_seed"], r["seed"])):
-            desc = inits_all.get(r["init"], ({"method": "scratch", "step": 0, "multiplier": 0},))[0]
-            with mlflow.start_run(run_name=f"{r['init']} p{r['pretrain_seed']} s{r['seed']}", nested=True,
-                                  tags={ROLE_TAG: "finetune"}):
-                mlflow.log_params({**{k: str(v) for k, v in desc.items()}, "init": r["init"],
-                                   "pretrain_seed": r["pretrain_seed"], "seed": r["seed"]})
-                mlflow.log_metrics({"acc_head": r["acc_head"], "acc_full": r["acc_full"], "wall_s": r["wall_s"]})
-                now = int(time.time() * 1000)
-                series = [Metric(k, v, now, i + 1) for k in ("head_train_loss", "head_train_acc", "full_train_loss", "full_train_acc")
-                          for i, v in enumerate(r[k])]
-                mlflow.tracking.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=series)
-
-        rows, comparisons = summarize(results, inits_all, source_acc)
-        test_n = len(task_split(trajs[next(iter(trajs))].task, settings, False, 0))
-        verdict = verdicts(rows, comparisons, curves, test_n)
         if "known" in cfg.methods or "known-official" in cfg.methods:
             know = min((s for k, s in wall.items() if k.startswith("predict_known")), default=0.0)
             wall["know_extra_over_naive"] = (wall["sweep_s"] + know) / max(wall["pretrain_s"], 1e-9)
-        md = markdown(cfg, rows, comparisons, decomposition, curves, wall, verdict)
-        with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
-            (d / "summary.csv").write_text(buf.getvalue())
-            (d / "summary.md").write_text(md)
-            (d / "summary.json").write_text(json.dumps({"rows": rows, "comparisons": comparisons, "decomposition": decomposition,
-                                                         "curves": {str(k): v for k, v in curves.items()}, "wall": wall,
-                                                         "verdicts": verdict}, indent=1))
-            plots.accuracy(rows, d / "accuracy.png")
-            plots.forgetting(curves, d / "forgetting_curve.png")
-            first = trajs[next(iter(trajs))]
-            shown = {k: inits_all[k][1] for k in inits_all if k.endswith("-1") and not k.startswith("sp-")}
-            shown |= {k: inits_all[k][1] for k in ("known-3", "average") if k in inits_all}
-            _, off = plots.pca_plane(first.stages, shown, initmod.predicted_names(first.kinds),
-                                     lambda st: source_accuracy(first, st, settings, True), d / "pca_plane.png")
-            mlflow.log_metrics({f"{k}.pca_off_plane": v for k, v in off.items()})
-            mlflow.log_artifacts(str(d))
-        mlflow.log_metrics({k: v for k, v in wall.items()})
-        for r in rows:
-            mlflow.log_metrics({f"{r['init']}.{k}": v for k, v in r.items()
-                                if isinstance(v, float) and not math.isnan(v) and k != "multiplier"})
+        extras |= {"protocol": protocol, "protocol_note": note,
+                   "first_states": {k: i.state for k, i in inits[next(iter(inits))].items()}}
+        md = write_artifacts(cfg, results, descs, trajs, extras, settings)
         print(md)
-        print(f"MLflow run {parent.info.run_id} in experiment {args.experiment!r} at {uri}; "
-              f"`mlflow ui --backend-store-uri {uri}` to browse it")
+        print(f"MLflow run {pid} in experiment {args.experiment!r} at {uri}; `mlflow ui --backend-store-uri {uri}` to browse it")
     return 0
 
 

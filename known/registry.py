@@ -17,33 +17,11 @@ import torch
 
 from known.model import INPUT_MODES, KNOWN, InputMode
 from known.predict import PREDICTED_KINDS
+from known.tracking import tracking_uri
 
 MODEL_NAME = "KNOWN"
 ALIAS = "champion"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SHIPPED = Path(__file__).parent / "weights"
-
-
-def tracking_uri(flag: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else a local sqlite store in the working folder.
-
-    A relative sqlite path is made absolute: Ray workers run in other folders and would open another file."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def use_tracking(flag: str | None, experiment: str) -> str:
-    """Point MLflow at the tracking store (see ``tracking_uri``) and experiment; returns the URI."""
-    import mlflow
-
-    uri = tracking_uri(flag)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")  # the UI opens on runs, not GenAI
-    return uri
 
 
 def save_dir(models: dict[str, KNOWN], directory: str | Path) -> Path:

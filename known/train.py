@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from known import baselines, registry
+from known import baselines, registry, tracking
 from known.model import INPUT_MODES, S
 from known.predict import PREDICTED_KINDS
 from known.windows import KIND_IDS, is_validation, sweep_windows
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not ray.is_initialized():
         ray.init()
-    uri = registry.use_tracking(args.tracking_uri, args.experiment)
+    uri = tracking.use_tracking(args.tracking_uri, args.experiment)
 
     def dataset(ids, repeat=None):
         return readers.ray_dataset(args.shards, where=lambda r: r["sweep_id"] in ids,

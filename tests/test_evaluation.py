@@ -157,10 +157,12 @@ def test_tiny_experiment_end_to_end(tmp_path, fake_root, ray_local):
     children = [r for r in runs if r.data.tags.get(transfer.ROLE_TAG) == "finetune"]
     assert len(parents) == 1
     parent = parents[0]
-    # scratch, naive, average, taskvector-1, sp-taskvector-1, linearfit-1, each with 2 seeds
-    assert len(children) == 12
+    # the predictions, their controls and the naive controls, each with 2 seeds
+    inits_ = {"scratch", "naive", "average", "taskvector-1", "sp-taskvector-1", "shrink-taskvector-1", "linearfit-1",
+              "scaled-1", "naive-bnreset", "naive-lr1.5", "naive-lr2"}
+    assert len(children) == 2 * len(inits_)
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
-    assert {c.data.params["init"] for c in children} == {"scratch", "naive", "average", "taskvector-1", "sp-taskvector-1", "linearfit-1"}
+    assert {c.data.params["init"] for c in children} == inits_
     assert all(len(client.get_metric_history(c.info.run_id, "full_train_loss")) == 1 for c in children[:2])  # 1 epoch
 
     d = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(tmp_path / "art"), tracking_uri=uri)
@@ -199,13 +201,13 @@ def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
 
 
 def test_summary_corrects_for_many_tests_and_for_pretraining_seeds():
-    from evaluation import transfer
+    from evaluation.summary import summarize, target
 
     rng = np.random.default_rng(0)
-    inits_ = {"naive": ({"method": "naive", "step": 0, "multiplier": 1},),
-              "known-1": ({"method": "known", "step": 1, "multiplier": 2},),
-              "taskvector-1": ({"method": "taskvector", "step": 1, "multiplier": 2},),
-              "sp-known-1": ({"method": "sp-known", "step": 1, "multiplier": 2},)}
+    inits_ = {"naive": {"method": "naive", "step": 0, "multiplier": 1},
+              "known-1": {"method": "known", "step": 1, "multiplier": 2},
+              "taskvector-1": {"method": "taskvector", "step": 1, "multiplier": 2},
+              "sp-known-1": {"method": "sp-known", "step": 1, "multiplier": 2}}
     lift = {"naive": 0.0, "known-1": 0.02, "taskvector-1": 0.005, "sp-known-1": 0.0}
     results = []
     for pseed, base in ((0, 0.70), (1, 0.74), (2, 0.72)):  # three pre-trained models of different quality
@@ -214,38 +216,38 @@ def test_summary_corrects_for_many_tests_and_for_pretraining_seeds():
             for init, up in lift.items():
                 acc = base + noise + up + rng.normal(0, 0.002)
                 results.append({"init": init, "pretrain_seed": pseed, "seed": seed, "acc_head": acc, "acc_full": acc})
-    rows, comps = transfer.summarize(results, inits_, {})
+    rows, comps = summarize(results, inits_, {})
     assert {(c["reference"], c["phase"]) for c in comps} == {(r, ph) for r in ("naive", "taskvector-1", "sp-known-1") for ph in ("head", "full")}
     assert all(c["p_holm"] >= c["p"] for c in comps) and all(c["n"] == 18 for c in comps)
     assert all("p_pretrain" in c for c in comps) and all("head_p_pretrain" in r for r in rows if r["init"] != "naive")
-    line = transfer.target(comps)
+    line = target(comps)
     assert line.startswith("target") and "known-1 head" in line and "pre-training seeds as the unit" in line
     # the same data with known no better than TaskVector: the bar is not met
     for r in results:
         if r["init"] == "taskvector-1":
             r["acc_head"] = r["acc_full"] = r["acc_head"] + 0.02
-    assert "not met; after Holm adjustment: not met" in transfer.target(transfer.summarize(results, inits_, {})[1])
+    assert "not met; after Holm adjustment: not met" in target(summarize(results, inits_, {})[1])
 
 
 def test_target_counts_our_known_only():
     """The authors' KNOWN beating naive and TaskVector does not meet the bar set for our KNOWN."""
-    from evaluation import transfer
+    from evaluation.summary import summarize, target
 
-    inits_ = {"naive": ({"method": "naive", "step": 0, "multiplier": 1},),
-              "known-1": ({"method": "known", "step": 1, "multiplier": 2},),
-              "known-official-1": ({"method": "known-official", "step": 1, "multiplier": 2},),
-              "taskvector-1": ({"method": "taskvector", "step": 1, "multiplier": 2},)}
+    inits_ = {"naive": {"method": "naive", "step": 0, "multiplier": 1},
+              "known-1": {"method": "known", "step": 1, "multiplier": 2},
+              "known-official-1": {"method": "known-official", "step": 1, "multiplier": 2},
+              "taskvector-1": {"method": "taskvector", "step": 1, "multiplier": 2}}
     lift = {"naive": 0.0, "known-1": 0.0, "known-official-1": 0.03, "taskvector-1": 0.0}
     rng = np.random.default_rng(1)
     results = [{"init": init, "pretrain_seed": 0, "seed": seed, "acc_head": 0.7 + up + rng.normal(0, 0.002),
                 "acc_full": 0.8 + up + rng.normal(0, 0.002)} for seed in range(8) for init, up in lift.items()]
-    rows, comps = transfer.summarize(results, inits_, {})
+    rows, comps = summarize(results, inits_, {})
     assert any(c["init"] == "known-official-1" and c["reference"] == "taskvector-1" and c["p"] < 0.05 for c in comps)
-    assert "not met; after Holm adjustment: not met" in transfer.target(comps)
+    assert "not met; after Holm adjustment: not met" in target(comps)
 
     from evaluation import report
 
     summary = {"rows": rows, "comparisons": comps, "curves": {"0": {"bn_reestimated": [0.9, 0.85, 0.8, 0.8, 0.7]}}}
-    line = report.overview_row("x", parse_config(_with(methods=["known"], shrink_perturb_for=[])), summary)
-    assert line.startswith("| x | mnist 0–4 → 5–9, cnn, 40 images, 1×2 seeds | – | 90.0 → 70.0 | ×2: ")
+    line = report.overview_row("x", _with(methods=["known"], shrink_perturb_for=[]), summary)
+    assert line.startswith("| x | mnist 0–4 → 5–9, cnn, 40 images, 1×2 seeds | – | 90.0 → 70.0 | – | ×2: ")
     assert line.endswith("| no / no / – |")

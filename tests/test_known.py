@@ -269,11 +269,11 @@ def test_ship_writes_weights_then_provenance_and_load_finds_them(tmp_path, monke
 
 def test_relative_sqlite_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
     """Ray Train workers run in other folders: a relative sqlite store would be another, empty file there."""
-    from known import registry
+    from known import tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert registry.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
-    assert registry.tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path}/sub/m.db"
-    assert registry.tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
-    assert registry.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path}/sub/m.db"
+    assert tracking.tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert tracking.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -1,0 +1,189 @@
+"""The transfer experiment's ceiling, controls, protocol and resumption (issue 13)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evaluation import inits, stats
+from evaluation.config import parse_config
+from evaluation.finetune import task_indices
+from tests.test_evaluation import BASE, _kinds, _state, _with
+
+
+def test_oracle_sets_are_supersets_of_d0_and_disjoint_from_the_target_task(settings):
+    from collectors import data
+
+    labels = data.load("mnist", settings, True).y
+    pool = int(torch.isin(labels, torch.tensor([0, 1, 2, 3, 4])).sum())
+    cfg = parse_config(_with(source__train_size=pool // 4, source__oracles=[4, 2]))
+    assert cfg.source.oracles == [2, 4]
+    for seed in (0, 1):
+        d0 = task_indices(cfg.source, labels, True, seed)
+        target = set(task_indices(cfg.downstream, labels, True, seed).tolist())
+        for m in cfg.source.oracles:
+            big = task_indices(cfg.source, labels, True, seed, m)
+            assert len(big) == m * len(d0) and set(d0.tolist()) <= set(big.tolist())
+            assert not set(big.tolist()) & target and set(labels[big].tolist()) <= {0, 1, 2, 3, 4}
+    assert not torch.equal(task_indices(cfg.source, labels, True, 0), task_indices(cfg.source, labels, True, 1))
+    from collectors.data import DataError
+
+    with pytest.raises(DataError, match=f"fewer than the {8 * (pool // 4)}"):
+        task_indices(cfg.source, labels, True, 0, 8)
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"source__oracles": [1]}, "multipliers >= 2"),
+    ({"source__oracles": [2, 2]}, "distinct"),
+    ({"source__train_size": None, "source__oracles": [2]}, "need a source train_size"),
+    ({"lr_factors": [0.0]}, "lr_factors"),
+    ({"controls": ["shrink"], "shrink_perturb_for": ["known"]}, "shrink_perturb_for"),
+])
+def test_bad_oracle_and_control_settings_name_the_bad_value(over, needle):
+    from collectors.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        parse_config(_with(**over))
+
+
+def test_fraction_of_the_oracle_gap_closed_matches_a_hand_computed_case():
+    # per pair: naive 0.50, oracle 0.70 (gap 0.20); init lifts 0.04, 0.06, 0.05 -> mean 0.05 -> 0.25 closed
+    naive, oracle, init = [0.50, 0.50, 0.50], [0.70, 0.70, 0.70], [0.54, 0.56, 0.55]
+    f, lo, hi = stats.gap_closed(init, naive, oracle)
+    assert f == pytest.approx(0.25)
+    # resampling 3 pairs, the lift's mean lies in [0.04, 0.06]: the interval sits inside [0.20, 0.30]
+    assert 0.2 - 1e-9 <= lo < 0.25 < hi <= 0.3 + 1e-9
+    # the design is kept: with two clusters every resample holds the same number of pairs of each
+    f2, lo2, hi2 = stats.gap_closed(init + init, naive * 2, oracle * 2, clusters=[0, 0, 0, 1, 1, 1])
+    assert f2 == pytest.approx(0.25) and lo2 >= 0.2 - 1e-9 and hi2 <= 0.3 + 1e-9
+    assert stats.gap_closed([0.5, 0.6], [0.5, 0.5], [0.5, 0.5])[0] != stats.gap_closed([0.5, 0.6], [0.5, 0.5], [0.5, 0.5])[0]  # nan: no gap
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        stats.gap_closed([0.5], [0.5], [0.6])
+
+
+def test_oracle_gaps_pair_each_prediction_with_the_oracle_of_its_multiplier():
+    from evaluation.summary import oracle_gaps, verdicts
+
+    descs = {"naive": {"method": "naive", "step": 0, "multiplier": 1},
+             "oracle-x2": {"method": "oracle", "step": 1, "multiplier": 2},
+             "known-1": {"method": "known", "step": 1, "multiplier": 2},
+             "known-2": {"method": "known", "step": 2, "multiplier": 4}}
+    lift = {"naive": 0.0, "oracle-x2": 0.04, "known-1": 0.01, "known-2": 0.03}
+    results = [{"init": i, "pretrain_seed": p, "seed": s, "acc_head": 0.6 + up + 0.001 * s, "acc_full": 0.7 + up + 0.002 * s * (i != "naive")}
+               for p in (0, 1) for s in range(4) for i, up in lift.items()]
+    gaps = oracle_gaps(results, descs)
+    assert [(g["oracle"], g["phase"]) for g in gaps] == [("oracle-x2", "head"), ("oracle-x2", "full")]
+    head = gaps[0]
+    assert head["gap"] == pytest.approx(0.04) and set(head["closed"]) == {"known-1"}  # known-2 claims ×4: no oracle
+    assert head["closed"]["known-1"]["fraction"] == pytest.approx(0.25)
+    lines = verdicts([], [], {}, 100, gaps)
+    assert any(line.startswith("ceiling ×2 (head-only)") and "known-1: +0.25" in line for line in lines)
+
+
+def test_pure_and_fixed_shrink_controls():
+    th0 = _state(0)
+    pred = {k: (0.9 * v if _kinds()[k] in ("conv", "linear", "bias") else v + 1) for k, v in th0.items()}
+    noisy = {k: v + 0.01 * torch.randn_like(v) for k, v in pred.items()}
+    s = inits.shrink(th0, noisy, _kinds())
+    for k, kind in _kinds().items():
+        if kind in ("conv", "linear", "bias"):
+            ratio = s[k] / th0[k]
+            assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio)), k  # a pure shrink: no noise, no direction
+            assert abs(float(ratio.flatten()[0]) - 0.9) < 0.02
+        else:
+            assert torch.equal(s[k], th0[k])  # BatchNorm and buffers stay Θ0's
+    fixed = inits.scaled(th0, _kinds(), 0.64)
+    assert torch.allclose(fixed["c.weight"], 0.64 * th0["c.weight"]) and torch.equal(fixed["bn.weight"], th0["bn.weight"])
+
+
+def test_controls_change_only_what_they_say(tmp_path):
+    from evaluation import transfer
+
+    cfg = parse_config(_with(steps=2, controls=["bn-reset", "lr", "shrink-fixed", "shrink"], lr_factors=[1.5, 2.0]))
+    stages = [_state(k) for k in range(5)]
+    traj = transfer.Trajectory(stages, _kinds(), "cnn", {}, cfg.source, 0.5, 10, oracles={2: _state(9)})
+    got, _, _ = transfer.build_inits(cfg, traj, {})
+    assert got["naive-bnreset"].finetune == {"bn": "reset"} and got["naive-bnreset"].state is stages[0]
+    assert got["naive-lr2"].finetune == {"full_lr": 2 * cfg.downstream.full_lr}
+    assert cfg.downstream.model_copy(update=got["naive-lr1.5"].finetune).full_lr == pytest.approx(1.5e-3)
+    assert got["scaled-2"].desc == {"method": "scaled", "lambda": 0.64, "step": 2, "multiplier": 4.0}
+    assert got["oracle-x2"].desc["multiplier"] == 2 and got["oracle-x2"].state["c.weight"].equal(_state(9)["c.weight"])
+    assert {"shrink-taskvector-1", "shrink-taskvector-2"} <= set(got) and "sp-taskvector-1" not in got
+
+
+def test_protocol_mismatch_with_the_known_under_test_is_reported():
+    from evaluation import transfer
+
+    ours, note = transfer.protocol_check(parse_config(_with(methods=["known"], shrink_perturb_for=[])))
+    assert ours["schedule"] == "cosine Θ0, constant stages" and ours["stage_epochs"] == "pretrain"
+    assert note.startswith("protocol MISMATCH") and "schedule: here cosine Θ0, constant stages, meta-training cosine" in note
+    same = _with(methods=["known"], shrink_perturb_for=[], source__stage_cosine=True)
+    assert transfer.protocol_check(parse_config(same))[1].startswith("protocol: the evaluation sweep follows")
+    assert transfer.protocol_check(parse_config(BASE))[1] is None  # no KNOWN under test: nothing to match
+
+
+def test_report_module_imports_without_torch():
+    code = "import sys, evaluation.report, evaluation.summary; bad = [m for m in ('torch', 'ray', 'collectors') if m in sys.modules]; sys.exit(str(bad) if bad else 0)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+
+
+def _children(uri):
+    from mlflow import MlflowClient
+
+    from evaluation.summary import EXPERIMENT, ROLE_TAG
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return [], []
+    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    return ([r for r in runs if r.data.tags.get(ROLE_TAG) == "experiment"],
+            [r for r in runs if r.data.tags.get(ROLE_TAG) == "finetune"])
+
+
+@pytest.mark.ray
+def test_a_killed_experiment_resumes_losing_nothing_finished_and_duplicating_nothing(tmp_path, fake_root):
+    """SIGKILL the whole experiment once some fine-tunes are logged; the same command continues the same parent
+    run, keeps every finished child (same run ids), runs only the rest, and logs no pair twice."""
+    cfg = tmp_path / "tiny.yaml"
+    raw = _with(downstream__seeds=3, downstream__full_epochs=3, controls=["lr"], lr_factors=[2.0], methods=["taskvector"],
+                source__train_size=50, source__oracles=[2])
+    cfg.write_text(yaml.safe_dump(raw))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "evaluation.transfer", "--config", str(cfg), "--data-root", str(fake_root),
+           "--tracking-uri", uri, "--workers", "1"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    root = Path(__file__).parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len([c for c in _children(uri)[1] if c.info.status == "FINISHED"]) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the experiment finished before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {c.info.run_id for c in _children(uri)[1] if c.info.status == "FINISHED"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming MLflow run" in done.stdout
+    parents, children = _children(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    keys = [(c.data.params["init"], c.data.params["pretrain_seed"], c.data.params["seed"]) for c in finished]
+    # scratch, naive, oracle-x2, taskvector-1, naive-lr2 × 3 seeds
+    assert len(keys) == len(set(keys)) == 5 * 3 == len(children)
+    assert before <= {c.info.run_id for c in finished}  # what finished before the kill was kept, not rerun
+    summary = json.loads(Path(parents[0].info.artifact_uri.removeprefix("file://"), "summary.json").read_text())
+    assert all(r["n"] == 3 for r in summary["rows"]) and [g["oracle"] for g in summary["gaps"]] == ["oracle-x2"] * 2
