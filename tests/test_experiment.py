@@ -86,6 +86,16 @@ def test_oracle_gaps_pair_each_prediction_with_the_oracle_of_its_multiplier():
     lines = verdicts([], [], {}, 100, gaps)
     assert any(line.startswith("ceiling ×2 (head-only)") and "known-1: +0.25" in line for line in lines)
 
+    from evaluation import report, summary
+
+    rows, comps = summary.summarize(results, descs, {})
+    curves = {"0": {"bn_reestimated": [0.9, 0.8]}}
+    line = report.overview_row("x", _with(methods=["known"]), {"rows": rows, "comparisons": comps, "gaps": gaps, "curves": curves})
+    full = gaps[1]
+    want = (f"{100 * full['gap']:+.2f} [{100 * full['gap_ci_low']:+.2f}, {100 * full['gap_ci_high']:+.2f}]; "
+            f"known-1 closes {full['closed']['known-1']['fraction']:+.2f}")
+    assert f"| 90.0 → 80.0 | {want}" in line
+
 
 def test_pure_and_fixed_shrink_controls():
     th0 = _state(0)
