@@ -337,21 +337,10 @@ def target(comparisons) -> str:
 
 
 def load_predictors(cfg: TransferConfig, tracking: str | None) -> dict:
-    models = {}
-    if "known" in cfg.methods:
-        from mlflow.exceptions import MlflowException
+    from known import registry
 
-        from known import registry
-
-        try:
-            models["known"] = registry.load(cfg.known, tracking)
-        except MlflowException as e:
-            raise FileNotFoundError(f"KNOWN {cfg.known!r} not found in the registry at {registry.tracking_uri(tracking)}: {e}") from e
-    if "known-official" in cfg.methods:
-        from known.official import load_dir
-
-        models["known-official"] = load_dir(cfg.known_official)
-    return models
+    sources = {"known": cfg.known, "known-official": cfg.known_official}
+    return {m: registry.load_predictor(m, sources[m], tracking) for m in ("known", "known-official") if m in cfg.methods}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
