@@ -21,10 +21,11 @@ from torch import nn
 from collectors import data, zoo
 
 from known import KnownError, baselines, registry
+from known.fast import FastKNOWN
 from known.model import PREDICTED_KINDS, S, KNOWN, segment_rms
 
 METHODS = ("known", "known-official", *baselines.METHODS)
-DEFAULT_CHUNK = 4096  # scalars per forward pass: keeps every [chunk, 64] activation in L2 (measured: 3x faster than 65536)
+DEFAULT_CHUNK = 2048  # scalars per forward pass: keeps the [192, chunk] activations in L2 (bench/predict_speed.py)
 
 
 class PredictError(KnownError):
@@ -72,16 +73,17 @@ def _validate(stages: Sequence[Mapping[str, torch.Tensor]]) -> None:
                 raise PredictError(f"stage {k}: {name} contains NaN or inf")
 
 
-def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int, sizes: list[int]) -> torch.Tensor:
-    """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it."""
+def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int, sizes: list[int],
+          threads: int | None = None, compile_epilogue: bool = False) -> torch.Tensor:
+    """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it.
+    ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA)."""
     if method in baselines.METHODS:
         return baselines.predict(method, window)
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
-    out = torch.empty(window.shape[0], dtype=window.dtype, device=window.device)
-    with torch.inference_mode():
-        for i in range(0, window.shape[0], chunk):
-            out[i : i + chunk] = model.step(window[i : i + chunk], None if rms is None else rms[i : i + chunk])
-    return out
+    if threads is None:
+        threads = 1 if window.is_cuda else torch.get_num_threads()
+    fast = FastKNOWN(model, compile_epilogue).to(window.device)
+    return fast.step(window, rms, chunk, threads)
 
 
 def retrodict(

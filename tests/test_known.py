@@ -331,3 +331,22 @@ def test_bn_is_reestimated_from_a_users_own_batches():
     assert not model.training
     with pytest.raises(PredictError, match="no image batches"):
         reestimate_bn(model, [])
+
+
+@pytest.mark.parametrize("inputs", ["raw", "scaled", "rms"])
+def test_fast_layout_computes_known_step_in_any_chunking_and_threads(inputs):
+    from known.fast import FastKNOWN
+
+    torch.manual_seed(0)
+    model = KNOWN(inputs=inputs)
+    for p in model.parameters():  # trained-like weights, not the near-zero initialisation
+        p.data.normal_(0, 0.5)
+    w = torch.randn(3001, 5).cumsum(1) * 0.01
+    rms = torch.rand(3001) * 0.05 + 0.01
+    with torch.no_grad():
+        want = model.step(w, rms)
+    assert (want - w[:, -1]).abs().mean() > 1e-4  # a real residual, so a broken layout shows
+    fast, intra = FastKNOWN(model), torch.get_num_threads()
+    for chunk, threads in ((4096, 1), (1000, 2), (333, 3)):
+        assert torch.allclose(fast.step(w, rms, chunk, threads), want, atol=1e-5, rtol=1e-4), (chunk, threads)
+    assert torch.get_num_threads() == intra  # the one-thread-per-chunk setting is undone
