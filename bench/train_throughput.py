@@ -12,7 +12,10 @@ worker and two are measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +45,10 @@ def _worker(cfg: dict) -> None:
         train_step(models, opts, batch)
         rows += len(batch["y"])
         mixing.append(len(torch.unique(batch["sweep"])))
-    ray.train.report({"rows": rows, "seconds": time.perf_counter() - t0, "sweeps_per_batch": float(np.mean(mixing))})
+    metrics = {"rows": rows, "seconds": time.perf_counter() - t0, "sweeps_per_batch": float(np.mean(mixing))}
+    with tempfile.TemporaryDirectory() as d:  # Ray Train v2 returns the metrics of the latest checkpoint only
+        (Path(d) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _matmul_flops(n: int = 2048, repeats: int = 5) -> float:
