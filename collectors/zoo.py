@@ -145,29 +145,46 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# Attention's packed projections are linear kernels and biases (nn.MultiheadAttention keeps them as parameters
+# of its own, not in an nn.Linear); out_proj is an nn.Linear
+ATTENTION_KINDS = {"in_proj_weight": "linear", "q_proj_weight": "linear", "k_proj_weight": "linear",
+                   "v_proj_weight": "linear", "in_proj_bias": "bias", "bias_k": "bias", "bias_v": "bias"}
+# Learned tables indexed or added rather than multiplied: token embeddings, positional tables, class tokens,
+# relative position biases. KNOWN never saw their trajectories in meta-training, so they are ``embedding``
+# and copied from Θ0, like the norms
+EMBEDDING_PARAMS = frozenset({"class_token", "cls_token", "pos_embedding", "pos_embed", "absolute_pos_embed",
+                              "relative_position_bias_table", "position_embeddings", "mask_token"})
+
+
+def _param_kind(mod: nn.Module, pname: str) -> str:
+    """The kind of parameter ``pname`` of module ``mod`` (see ``tensor_kinds``)."""
+    if isinstance(mod, _CONV):
+        return "conv" if pname == "weight" else "bias"
+    if isinstance(mod, nn.Linear):
+        return "linear" if pname == "weight" else "bias"
+    if isinstance(mod, _NORM):
+        return "norm"
+    if isinstance(mod, nn.MultiheadAttention) and pname in ATTENTION_KINDS:
+        return ATTENTION_KINDS[pname]
+    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) or pname in EMBEDDING_PARAMS:
+        return "embedding"
+    return "other"
 
 
 def tensor_kinds(model: nn.Module) -> dict[str, str]:
-    """Kind of every state-dict entry: conv / linear / bias / norm / buffer (/ other).
+    """Kind of every state-dict entry: conv / linear / bias / norm / embedding / buffer (/ other).
 
-    The kinds decide which KNOWN (conv, fc or bias) a tensor goes to; BatchNorm parameters are ``norm``
-    and running statistics ``buffer`` so that downstream code can treat them on purpose.
+    The kinds decide which KNOWN (conv, fc or bias) a tensor goes to; norm (BatchNorm, LayerNorm, GroupNorm)
+    parameters are ``norm``, embeddings and positional tables ``embedding`` and running statistics ``buffer``,
+    so that downstream code treats them on purpose (``known.predict`` copies them from Θ0).
     """
     kinds: dict[str, str] = {}
     for mod_name, mod in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         for pname, _ in mod.named_parameters(recurse=False):
-            if isinstance(mod, _CONV):
-                kind = "conv" if pname == "weight" else "bias"
-            elif isinstance(mod, nn.Linear):
-                kind = "linear" if pname == "weight" else "bias"
-            elif isinstance(mod, _NORM):
-                kind = "norm"
-            else:
-                kind = "other"
-            kinds[prefix + pname] = kind
+            kinds[prefix + pname] = _param_kind(mod, pname)
         for bname, _ in mod.named_buffers(recurse=False):
             kinds[prefix + bname] = "buffer"
     missing = set(model.state_dict()) - set(kinds)

@@ -45,7 +45,7 @@ from evaluation.config import PROTOCOL_FIELDS, Downstream, Source, Task, Transfe
 from evaluation.finetune import task_split
 from known.model import S
 from known.predict import reestimate_bn, retrodict
-from known.tracking import tracking_uri, use_tracking
+from known.tracking import use_tracking
 
 log = logging.getLogger(__name__)
 EXPERIMENT, ROLE_TAG = summary.EXPERIMENT, summary.ROLE_TAG
@@ -388,21 +388,11 @@ def write_artifacts(cfg: TransferConfig, results: list[dict], descs: dict, trajs
 
 
 def load_predictors(cfg: TransferConfig, tracking_flag: str | None) -> dict:
-    models = {}
-    if "known" in cfg.methods:
-        from mlflow.exceptions import MlflowException
+    """The KNOWN models the config's methods need (one loader for predict, validate and evaluation)."""
+    from known import registry
 
-        from known import registry
-
-        try:
-            models["known"] = registry.load(cfg.known, tracking_flag)
-        except MlflowException as e:
-            raise FileNotFoundError(f"KNOWN {cfg.known!r} not found in the registry at {tracking_uri(tracking_flag)}: {e}") from e
-    if "known-official" in cfg.methods:
-        from known.official import load_dir
-
-        models["known-official"] = load_dir(cfg.known_official)
-    return models
+    sources = {"known": cfg.known, "known-official": cfg.known_official}
+    return {m: registry.load_predictor(m, sources[m], tracking_flag) for m in ("known", "known-official") if m in cfg.methods}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

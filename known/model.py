@@ -29,6 +29,7 @@ EXP_FLOOR, EXP_CEIL = -60.0, 60.0
 TINY = 1e-12  # keeps the scale of a weight that never moved positive (its input is then all zeros)
 InputMode = Literal["raw", "scaled", "rms"]
 INPUT_MODES: tuple[InputMode, ...] = ("raw", "scaled", "rms")
+PREDICTED_KINDS = ("conv", "linear", "bias")  # one KNOWN each; every other tensor kind is copied from Θ0
 
 
 def segment_rms(values: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

@@ -11,39 +11,47 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from torch import nn
 
-from collectors import data
+from collectors import data, zoo
 
-from known import baselines
-from known.model import S, KNOWN, segment_rms
+from known import KnownError, baselines, registry
+from known.fast import FastKNOWN
+from known.model import PREDICTED_KINDS, S, KNOWN, segment_rms
 
-PREDICTED_KINDS = ("conv", "linear", "bias")
 METHODS = ("known", "known-official", *baselines.METHODS)
-DEFAULT_CHUNK = 4096  # scalars per forward pass: keeps every [chunk, 64] activation in L2 (measured: 3x faster than 65536)
+DEFAULT_CHUNK = 2048  # scalars per forward pass: keeps the [192, chunk] activations in L2 (bench/predict_speed.py)
 
 
-class PredictError(ValueError):
+class PredictError(KnownError):
     """Stages that cannot be retrodicted; the message names the stage and tensor."""
 
 
 def infer_kinds(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Kinds from names and shapes, for state dicts that come without a model or a sweep record."""
+    """Kinds from names and shapes, for state dicts that come without a model or a sweep record; the same
+    decisions as ``collectors.zoo.tensor_kinds`` makes from the modules (attention projections, positional
+    tables, class tokens), except that an nn.Embedding's weight reads as a linear kernel: pass ``kinds``
+    for models with token embeddings."""
     kinds = {}
     for name, t in state.items():
-        leaf = name.rsplit(".", 1)[-1]
+        owner, _, leaf = name.rpartition(".")
+        weight = state.get(f"{owner}.weight" if owner else "weight")
         if not t.is_floating_point() or leaf.startswith("running_") or leaf == "num_batches_tracked":
             kinds[name] = "buffer"
+        elif leaf in zoo.ATTENTION_KINDS:
+            kinds[name] = zoo.ATTENTION_KINDS[leaf]
+        elif leaf in zoo.EMBEDDING_PARAMS:
+            kinds[name] = "embedding"
         elif t.dim() >= 3:
             kinds[name] = "conv"
         elif t.dim() == 2:
             kinds[name] = "linear"
-        elif leaf == "bias" and name.rsplit(".", 1)[0] + ".weight" in state and state[name.rsplit(".", 1)[0] + ".weight"].dim() >= 2:
+        elif leaf == "bias" and weight is not None and weight.dim() >= 2:
             kinds[name] = "bias"
         else:
             kinds[name] = "norm"
@@ -65,16 +73,17 @@ def _validate(stages: Sequence[Mapping[str, torch.Tensor]]) -> None:
                 raise PredictError(f"stage {k}: {name} contains NaN or inf")
 
 
-def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int, sizes: list[int]) -> torch.Tensor:
-    """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it."""
+def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int, sizes: list[int],
+          threads: int | None = None, compile_epilogue: bool = False) -> torch.Tensor:
+    """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it.
+    ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA)."""
     if method in baselines.METHODS:
         return baselines.predict(method, window)
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
-    out = torch.empty(window.shape[0], dtype=window.dtype, device=window.device)
-    with torch.inference_mode():
-        for i in range(0, window.shape[0], chunk):
-            out[i : i + chunk] = model.step(window[i : i + chunk], None if rms is None else rms[i : i + chunk])
-    return out
+    if threads is None:
+        threads = 1 if window.is_cuda else torch.get_num_threads()
+    fast = FastKNOWN(model, compile_epilogue).to(window.device)
+    return fast.step(window, rms, chunk, threads)
 
 
 def retrodict(
@@ -88,8 +97,8 @@ def retrodict(
 ) -> list[dict[str, torch.Tensor]]:
     """Predicted state dicts Θ-1 … Θ-steps from ``stages`` = [Θ0 (most data), …, Θ4 (least data)].
 
-    ``models`` maps conv / linear / bias to a KNOWN (needed for the known methods). Tensors of other kinds
-    (BatchNorm affine parameters and running statistics, counters) are copied from Θ0.
+    ``models`` maps conv / linear / bias to a KNOWN; without it, method ``known`` uses the shipped KNOWN.
+    Tensors of other kinds (norm affine parameters, embeddings, buffers) are copied from Θ0.
     """
     if method not in METHODS:
         raise PredictError(f"unknown method {method!r}; known: {list(METHODS)}")
@@ -98,6 +107,7 @@ def retrodict(
     _validate(stages)
     kinds = dict(kinds) if kinds is not None else infer_kinds(stages[0])
     if method.startswith("known"):
+        models = models if models is not None else registry.load_predictor(method)
         missing = [k for k in PREDICTED_KINDS if not models or k not in models]
         if missing:
             raise PredictError(f"method {method!r} needs a KNOWN for {missing}")
@@ -122,22 +132,40 @@ def retrodict(
     return outputs
 
 
+def image_batches(dataset: str, images: torch.Tensor, batch: int = 500) -> Iterable[torch.Tensor]:
+    """Normalised batches of ``images`` (uint8, one of our datasets), ready for ``reestimate_bn``."""
+    for i in range(0, len(images), batch):
+        yield data.normalize(dataset, images[i : i + batch])
+
+
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, dataset: str, images: torch.Tensor, batch: int = 500) -> None:
-    """Recompute every BatchNorm's running statistics on ``images`` (uint8 source-task images): the average
-    over batches. Use it after loading predicted weights: statistics copied from Θ0 no longer match them
-    (measured in README: known-official 0.29 -> 0.49 source accuracy, TaskVector 0.466 -> 0.481)."""
+def reestimate_bn(model: nn.Module, batches: Iterable | str, images: torch.Tensor | None = None, batch: int = 500) -> None:
+    """Recompute every BatchNorm's running statistics as the average over ``batches``: any iterable of image
+    batches the model takes (a user's own data; (images, labels) pairs from a DataLoader are fine), or one of
+    our dataset names with its uint8 ``images``. Use it after loading predicted weights: statistics copied
+    from Θ0 no longer match them (measured in README: known-official 0.29 -> 0.49 source accuracy,
+    TaskVector 0.466 -> 0.481)."""
+    if isinstance(batches, str):
+        if images is None:
+            raise PredictError(f"reestimate_bn on dataset {batches!r} needs its images")
+        batches = image_batches(batches, images, batch)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
     model.train()
-    for i in range(0, len(images), batch):
-        model(data.normalize(dataset, images[i : i + batch]))
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    model.eval()
+    seen = 0
+    try:
+        for x in batches:
+            model(x[0] if isinstance(x, (tuple, list)) else x)
+            seen += 1
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.eval()
+    if not seen:
+        raise PredictError("reestimate_bn got no image batches: the running statistics would stay reset")
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -160,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--stages", nargs=S, required=True, metavar="FILE",
                    help=f"the {S} stage checkpoints (.safetensors, or .pt/.pth state dicts), Θ0 (most data) first")
-    p.add_argument("--method", default="taskvector", choices=METHODS,
+    p.add_argument("--method", default="known", choices=METHODS,
                    help="known: our KNOWN; known-official: the authors' weights (--official DIR); "
                         "taskvector: Θ0 + 0.2(Θ0 − Θ1); linearfit / logfit / expfit: per-coordinate curve fits")
     p.add_argument("--steps", type=int, default=3, help="how many stages back to predict (×1/r, ×1/r², …)")
@@ -171,19 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         stages = [load_state(f) for f in args.stages]
-        models = None
-        if args.method == "known-official":
-            if not args.official:
-                raise PredictError("--method known-official needs --official DIR")
-            from known.official import load_dir
-
-            models = load_dir(args.official)
-        elif args.method == "known":
-            from known import registry
-
-            models = registry.load(args.known)
+        source = args.official if args.method == "known-official" else args.known
+        if args.method == "known-official" and not source:
+            raise PredictError("--method known-official needs --official DIR")
+        models = registry.load_predictor(args.method, source)
         preds = retrodict(stages, args.steps, args.method, models=models)
-    except (PredictError, FileNotFoundError, ValueError) as e:
+    except (KnownError, FileNotFoundError, ValueError) as e:  # KnownError: one line, e.g. a bad models:/ URI
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -2,26 +2,35 @@
 
 A KNOWN "model" is three hyper-models (conv, linear, bias), stored as ``conv.safetensors``,
 ``linear.safetensors`` and ``bias.safetensors`` in one folder: no pickle is needed to load them.
-Published versions are MLflow logged models registered under the name ``KNOWN``; the alias ``champion``
-moves to a new version only if it beats the champion on validation.
+Published versions are MLflow pyfunc models (``known/pyfunc_model.py``) registered under the name ``KNOWN``,
+tagged with their validation metric and lineage (catalog and validation-set sha256). The alias ``champion``
+moves to a new version only if it beats the champion on the same validation set: when the sets differ the
+champion is re-validated on the challenger's (``known.train`` does), and without that it stays.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 import safetensors.torch
 import torch
 
-from known.model import INPUT_MODES, KNOWN, InputMode
-from known.predict import PREDICTED_KINDS
+from known import KnownError, baselines
+from known.model import INPUT_MODES, KNOWN, PREDICTED_KINDS, S, InputMode
 from known.tracking import tracking_uri
 
 MODEL_NAME = "KNOWN"
 ALIAS = "champion"
 SHIPPED = Path(__file__).parent / "weights"
+WEIGHTS = "artifacts/weights"  # where a pyfunc version keeps the safetensors (the folder's name is kept)
+METRIC = "val_rel_l1"  # Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over all validation scalars: < 1 beats "no change"
+VAL_DIGEST = "validation_sha256"  # model-version tag: the validation set METRIC was measured on
+WINDOW_COLUMNS = (*(f"w{i}" for i in range(S)), "rms", "kind")
 
 
 def save_dir(models: dict[str, KNOWN], directory: str | Path) -> Path:
@@ -52,43 +61,114 @@ def load_dir(directory: str | Path) -> dict[str, KNOWN]:
     return models
 
 
-def load(uri: str | None = None, tracking: str | None = None) -> dict[str, KNOWN]:
-    """KNOWN from ``models:/KNOWN@champion`` / ``models:/KNOWN/<version>``, a local folder, or the shipped one."""
-    if uri is None:
+def load_predictor(method: str = "known", source: str | None = None, tracking: str | None = None) -> dict[str, KNOWN] | None:
+    """The predictor of ``method`` (kind -> KNOWN), or None for a baseline, which needs none: the one loader
+    that prediction, validation, the predictability report and the evaluation share.
+
+    ``known``: ``source`` None is the shipped KNOWN; ``models:/KNOWN@champion`` / ``models:/KNOWN/<version>`` comes
+    from the registry at ``tracking`` (see ``tracking_uri``); anything else is a folder of safetensors.
+    ``known-official``: ``source`` is the folder with the authors' KNOWN_*.h5 files."""
+    if method in baselines.METHODS:
+        return None
+    if method == "known-official":
+        if not source:
+            raise KnownError("method 'known-official' needs the folder with the authors' KNOWN_*.h5 files")
+        from known import official
+
+        return official.load_dir(source)
+    if method != "known":
+        raise KnownError(f"unknown method {method!r}; known: {['known', 'known-official', *baselines.METHODS]}")
+    if source is None:
         if not (SHIPPED / "PROVENANCE.json").is_file():
             raise FileNotFoundError(f"no shipped KNOWN in {SHIPPED} (PROVENANCE.json missing): pass a registry URI or a folder")
         return load_dir(SHIPPED)
-    if not uri.startswith("models:/"):
-        return load_dir(uri)
+    if source.startswith("models:/"):
+        return load_dir(_download(source, tracking))
+    return load_dir(source)
+
+
+def _download(uri: str, tracking: str | None) -> Path:
+    """The local folder of a registered KNOWN's weights; a missing model, version or alias is one KnownError."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(tracking))
-    return load_dir(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    store = tracking_uri(tracking)
+    mlflow.set_tracking_uri(store)
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as e:
+        raise KnownError(f"{uri} not found in the registry at {store}: {e.message.splitlines()[0]}") from None
+    return root / WEIGHTS if (root / WEIGHTS).is_dir() else root  # pyfunc versions keep them under artifacts/
 
 
-def publish(models: dict[str, KNOWN], metric: str, value: float, tracking: str | None = None) -> tuple[str, bool]:
-    """Log ``models`` in the active MLflow run, register a new version of KNOWN, and move the champion alias
-    to it if ``value`` (lower is better) beats the champion's. Returns (version, became_champion)."""
+def predict_windows(models: dict[str, KNOWN], windows) -> np.ndarray:
+    """The pyfunc's ``predict``: one predicted value (the stage before the most-data one) per row of ``windows``,
+    a DataFrame with ``WINDOW_COLUMNS``: the S stage values of one scalar, least data first (w0) to most data
+    (w4), as KNOWN reads them; ``rms``, its tensor's RMS at the most-data stage (used by ``rms`` KNOWNs); and
+    ``kind``, conv / linear / bias (which KNOWN)."""
+    missing = [c for c in WINDOW_COLUMNS if c not in windows]
+    if missing:
+        raise KnownError(f"windows lack the columns {missing}; expected {list(WINDOW_COLUMNS)}")
+    bad = sorted(set(windows["kind"]) - set(models))
+    if bad:
+        raise KnownError(f"windows of unknown kinds {bad}; KNOWN predicts {sorted(models)}")
+    w = torch.as_tensor(windows[list(WINDOW_COLUMNS[:S])].to_numpy(np.float32, copy=True))
+    rms = torch.as_tensor(windows["rms"].to_numpy(np.float32, copy=True))
+    kind = windows["kind"].to_numpy()
+    out = np.empty(len(w), np.float32)
+    with torch.inference_mode():
+        for k, m in models.items():
+            rows = np.flatnonzero(kind == k)
+            if len(rows):
+                out[rows] = m.step(w[rows], rms[rows]).numpy()
+    return out
+
+
+def champion_decision(value: float, val_digest: str, champion: dict[str, str] | None,
+                      revalidate: Callable[[], float] | None) -> tuple[bool, str]:
+    """(move the alias, why). Numbers from different validation sets are not compared: the champion is
+    re-validated on the challenger's set (``revalidate``: the champion's metric there), or, without a way to
+    re-validate, it stays."""
+    if champion is None:
+        return True, "no champion yet"
+    if champion.get(VAL_DIGEST) == val_digest:
+        best = float(champion.get(METRIC, "inf"))
+        return value < best, f"same validation set: {value:.6g} vs champion {best:.6g}"
+    if revalidate is None:
+        return False, "champion validated on another set and cannot be re-validated here: not compared"
+    best = revalidate()
+    return value < best, f"champion re-validated on this validation set: {value:.6g} vs {best:.6g}"
+
+
+def publish(models: dict[str, KNOWN], value: float, lineage: dict[str, str], tracking: str | None = None,
+            revalidate: Callable[[dict[str, KNOWN]], float] | None = None) -> tuple[str, bool, str]:
+    """Log ``models`` in the active MLflow run as a pyfunc model, register it as a new version of KNOWN tagged
+    with ``METRIC`` = ``value`` (lower is better) and ``lineage`` (``VAL_DIGEST`` at least), and move the champion
+    alias per ``champion_decision``. Returns (version, became champion, why)."""
     import mlflow
+    import pandas as pd
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(tracking_uri(tracking))
     client = MlflowClient()
-    logged = mlflow.initialize_logged_model(name="known")
+    example = pd.DataFrame({**{c: [0.1, 0.2] for c in WINDOW_COLUMNS[:S]}, "rms": [0.1, 0.1], "kind": ["conv", "bias"]})
     with tempfile.TemporaryDirectory() as d:
-        client.log_model_artifacts(logged.model_id, str(save_dir(models, d)))
-    mlflow.finalize_logged_model(logged.model_id, "READY")
-    version = mlflow.register_model(f"models:/{logged.model_id}", MODEL_NAME, tags={metric: str(value)}).version
+        info = mlflow.pyfunc.log_model(name="known", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                                       artifacts={"weights": str(save_dir(models, Path(d) / "weights"))},
+                                       signature=infer_signature(example, predict_windows(models, example)),
+                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pandas"])
+    version = mlflow.register_model(info.model_uri, MODEL_NAME, tags={METRIC: str(value), **lineage}).version
     try:
         champion = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
-        best = float(champion.tags.get(metric, "inf"))
     except MlflowException:  # no champion yet
-        best = float("inf")
-    better = value < best
-    if better:
+        champion = None
+    check = (lambda: revalidate(load_predictor("known", f"models:/{MODEL_NAME}/{champion.version}", tracking))) if revalidate else None
+    move, why = champion_decision(value, lineage[VAL_DIGEST], champion and champion.tags, check)
+    if move:
         client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
-    return str(version), better
+    return str(version), move, why
 
 
 def ship(models: dict[str, KNOWN], provenance: dict, directory: Path = SHIPPED) -> Path:
@@ -107,7 +187,6 @@ def ship(models: dict[str, KNOWN], provenance: dict, directory: Path = SHIPPED) 
 def main(argv: list[str] | None = None) -> int:
     """``python -m known.registry ship``: copy a registered or saved KNOWN into the package, with provenance."""
     import argparse
-    import hashlib
     import json
     import sys
 
@@ -120,15 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--validation", nargs="*", default=[], metavar="FILE", help="JSON/markdown files of validation numbers to embed")
     sp.add_argument("--command", action="append", default=[], help="a command line that produced it (repeatable)")
     args = p.parse_args(argv)
-    from meta import catalog, storage
-
     from mlflow.exceptions import MlflowException
 
+    from meta import catalog
+
     try:  # everything is read before anything is written: a bad input leaves the shipped KNOWN as it was
-        models = load(args.model, args.tracking_uri)
-        fs, path = storage.resolve(args.shards)
-        with fs.open_input_file(storage.join(path, catalog.FILENAME)) as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+        models = load_predictor("known", args.model, args.tracking_uri)
+        digest = catalog_sha256(args.shards)
         rows = catalog.read(args.shards)
         validation = {Path(v).name: (json.loads(Path(v).read_text()) if v.endswith(".json") else Path(v).read_text())
                       for v in args.validation}
@@ -136,23 +213,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     done = [r for r in rows if r["status"] == "done"]
-    counts: dict[str, int] = {}
-    for r in done:
-        counts[f"{r['family']}/{r['dataset']}"] = counts.get(f"{r['family']}/{r['dataset']}", 0) + 1
     provenance = {
         "model": args.model,
         "catalog_sha256": digest,
         "sweeps_done": len(done),
         "sweeps_failed": len(rows) - len(done),
-        "sweeps_by_family_dataset": dict(sorted(counts.items())),
+        "sweeps_by_family_dataset": by_family_dataset(done),
         "collection_cpu_hours": round(sum(r["wall_s"] for r in done) / 3600, 2),
         "commands": args.command,
         "validation": validation,
         "inputs": {k: m.inputs for k, m in models.items()},
+        "protocol": protocol_of(done),
     }
     out = ship(models, provenance)
     print(f"shipped KNOWN to {out} (trained on {len(done)} sweeps, catalog sha256 {digest[:12]}…)")
     return 0
+
+
+def catalog_sha256(shards: str) -> str:
+    """The digest of a meta-dataset's catalog: which sweeps, in which shards, with which hashes (lineage)."""
+    from meta import catalog, storage
+
+    fs, path = storage.resolve(shards)
+    return storage.sha256(fs, storage.join(path, catalog.FILENAME))
+
+
+def by_family_dataset(rows: list[dict]) -> dict[str, int]:
+    """Sweeps per "family/dataset", sorted: what a KNOWN was trained on, at a glance."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[f"{r['family']}/{r['dataset']}"] = counts.get(f"{r['family']}/{r['dataset']}", 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def protocol_of(rows: list[dict]) -> dict:
+    """The sweep protocol a KNOWN was meta-trained on, per field (a list where the catalog mixes values): the
+    evaluation compares its own sweep with it. ``stage_epochs`` reads "pretrain" where stages are as long as Θ0's."""
+    from meta.record import LEGACY_PROTOCOL
+
+    out = {}
+    for field in LEGACY_PROTOCOL:
+        values = sorted({r.get(field) or LEGACY_PROTOCOL[field] for r in rows})
+        out[field] = values[0] if len(values) == 1 else values
+    epochs = sorted({"pretrain" if r["stage_epochs"] == r["pretrain_epochs"] else r["stage_epochs"] for r in rows}, key=str)
+    out["stage_epochs"] = epochs[0] if len(epochs) == 1 else epochs
+    return out
 
 
 def fresh(seed: int = 0, inputs: InputMode = "scaled") -> dict[str, KNOWN]:

@@ -10,14 +10,20 @@ whatever the size of the meta-dataset. One KNOWN per kind (conv / linear / bias)
 Checkpoints every ``--checkpoint-every`` steps and at each epoch end; running the same command again (same
 ``--storage`` and ``--name``) resumes from the last checkpoint, and ``--max-failures`` lets Ray Train
 restart killed workers from it. A checkpoint taken mid-epoch resumes at the start of that epoch, with the
-checkpoint's weights (the batches before it are seen once more). Metrics go to MLflow; the final KNOWN is registered as ``KNOWN`` and
-becomes ``champion`` only if it beats the current champion on validation.
+checkpoint's weights (the batches before it are seen once more) and continues the same MLflow run (its id is
+kept in ``--storage/--name/mlflow_run.json``). Metrics go to MLflow, the meta-dataset is recorded as the run's
+dataset input (catalog sha256, sweeps by family × dataset); the checkpoint with the best validation relative L1
+(not the last) is registered as ``KNOWN`` and becomes ``champion`` only if it beats the champion on the same
+validation set (the champion is re-validated on this run's set when it was measured on another).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -26,13 +32,17 @@ import numpy as np
 import torch
 
 from known import baselines, registry, tracking
-from known.model import INPUT_MODES, S
-from known.predict import PREDICTED_KINDS
+from known.model import INPUT_MODES, PREDICTED_KINDS, S
 from known.windows import KIND_IDS, is_validation, sweep_windows
-from meta import catalog, readers
+from meta import catalog, readers, storage
 from meta.record import CHANCE_MARGIN, learned
 
-METRIC = "val_rel_l1"  # Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over all validation scalars: < 1 beats "no change"
+METRIC = registry.METRIC
+# Ray Train keeps the best checkpoints by RANK: METRIC where an epoch end measured it, else UNMEASURED (ranked
+# last; a finite number because NaN and inf do not survive Ray's checkpoint snapshot, which a resume reads)
+RANK, UNMEASURED = "checkpoint_rank", 1e30
+RUN_FILE = "mlflow_run.json"  # next to Ray Train's checkpoints: the MLflow run a resumed training continues
+log = logging.getLogger(__name__)
 
 
 def to_rows(batch: dict, seed: int = 0, repeat: dict | None = None) -> dict:
@@ -87,6 +97,29 @@ class ErrorSums:
                 out[f"val_rel_l1_{m}_{k}"] = self.sums[(k, m)] / d if d else float("nan")
         out[METRIC] = out["val_rel_l1_known"]
         return out
+
+
+@torch.no_grad()
+def validation_metrics(models: dict, batches) -> dict[str, float]:
+    """``ErrorSums.metrics`` of ``models`` over validation ``batches``: run on the workers at each epoch end and
+    on the driver to re-validate the champion on this run's validation set."""
+    errors = ErrorSums()
+    for batch in batches:
+        x, y, rms, kind = batch["x"].float(), batch["y"].float(), batch["rms"].float(), batch["kind"]
+        for k, model in models.items():
+            mask = kind == KIND_IDS[k]
+            if mask.any():
+                errors.add(k, x[mask], y[mask], _unwrap(model).step(x[mask], rms[mask]))
+    return errors.metrics()
+
+
+def best_checkpoint(results: list[tuple]) -> tuple:
+    """The (checkpoint, metrics) with the lowest ``METRIC`` among Ray Train's ``best_checkpoints``: only the
+    epoch-end reports carry it; a mid-epoch checkpoint (the latest, kept for resuming) never wins."""
+    scored = [(c, m) for c, m in results if math.isfinite(m.get(METRIC, math.nan))]
+    if not scored:
+        raise ValueError(f"no checkpoint with a finite {METRIC}: did any epoch finish?")
+    return min(scored, key=lambda cm: cm[1][METRIC])
 
 
 def _checkpoint_dir(models, opts, epoch: int, step: int, d: str) -> str:
@@ -161,7 +194,8 @@ def train_loop(cfg: dict) -> None:
             mlflow.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as d:
             ck = ray.train.Checkpoint.from_directory(_checkpoint_dir(models, opts, epoch, step, d)) if ctx.get_world_rank() == 0 else None
-            ray.train.report({**metrics, "step": step, "epoch": epoch, "resumed_from_step": resumed_from}, checkpoint=ck)
+            ray.train.report({**metrics, RANK: metrics.get(METRIC, UNMEASURED), "step": step, "epoch": epoch,
+                              "resumed_from_step": resumed_from}, checkpoint=ck)
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
@@ -181,15 +215,8 @@ def train_loop(cfg: dict) -> None:
             step += 1
             if step % cfg["checkpoint_every"] == 0:
                 report(train_metrics(sums, mixing), epoch)
-        errors = ErrorSums()
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=cfg["batch_size"]):
-                x, y, rms, kind = batch["x"].float(), batch["y"].float(), batch["rms"].float(), batch["kind"]
-                for k, model in models.items():
-                    mask = kind == KIND_IDS[k]
-                    if mask.any():
-                        errors.add(k, x[mask], y[mask], _unwrap(model).step(x[mask], rms[mask]))
-        report({**train_metrics(sums, mixing), **errors.metrics()}, epoch + 1)
+        val = validation_metrics(models, val_shard.iter_torch_batches(batch_size=cfg["batch_size"]))
+        report({**train_metrics(sums, mixing), **val}, epoch + 1)
 
 
 def training_rows(done: list[dict], keep_unlearned: bool = False) -> list[dict]:
@@ -236,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="known-meta-training", help="MLflow experiment")
     p.add_argument("--no-register", action="store_true", help="do not register the result in the model registry")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
+                   help="train on GPUs (default: when the Ray cluster has any, whatever the driver's machine has)")
+    p.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs even on a cluster with GPUs")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "checkpoint_every", "num_workers", "shuffle_buffer", "bias_repeat", "sweeps_per_block"):
         if getattr(args, name) < 1:
@@ -247,6 +277,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.lr <= 0:
         p.error(f"--lr must be > 0, got {args.lr}")
     return args
+
+
+def wants_gpu(flag: bool | None, resources: dict) -> bool:
+    """--use-gpu / --no-gpu, else whether the cluster has GPUs: the driver may run on a CPU-only head."""
+    return flag if flag is not None else resources.get("GPU", 0) > 0
+
+
+def validation_digest(val_ids: set[str]) -> str:
+    """The validation set's identity: numbers measured on sets with other digests are not compared."""
+    return hashlib.sha256("\n".join(sorted(val_ids)).encode()).hexdigest()
+
+
+def _run_file(args) -> tuple:
+    fs, path = storage.resolve(storage.join(storage.normalize(args.storage), args.name, RUN_FILE))
+    return fs, path
+
+
+def stored_run_id(args) -> str | None:
+    """The MLflow run of an earlier training under the same --storage / --name, which a resume continues."""
+    fs, path = _run_file(args)
+    if not storage.exists(fs, path):
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())["run_id"]
+
+
+def store_run_id(args, run_id: str) -> None:
+    fs, path = _run_file(args)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    storage.write_atomic(fs, path, json.dumps({"run_id": run_id}).encode())
+
+
+def log_lineage(args, rows: list[dict], train_ids: set[str], val_ids: set[str]) -> dict[str, str]:
+    """Record the meta-dataset as the run's MLflow dataset input; returns the lineage tags of the model version."""
+    import mlflow
+    import pandas as pd
+
+    digest = registry.catalog_sha256(args.shards)
+    used = [r for r in rows if r["sweep_id"] in train_ids | val_ids]
+    df = pd.DataFrame({"sweep_id": [r["sweep_id"] for r in used], "family": [r["family"] for r in used],
+                       "dataset": [r["dataset"] for r in used],
+                       "split": ["validation" if r["sweep_id"] in val_ids else "train" for r in used]})
+    mlflow.log_input(mlflow.data.from_pandas(df, source=storage.normalize(args.shards), name="meta-dataset",
+                                             digest=digest[:32]), context="training", tags={"catalog_sha256": digest})
+    mlflow.log_dict({split: registry.by_family_dataset([r for r in used if (r["sweep_id"] in val_ids) == (split == "validation")])
+                     for split in ("train", "validation")}, "sweeps_by_family_dataset.json")
+    return {"catalog_sha256": digest, registry.VAL_DIGEST: validation_digest(val_ids), "shards": args.shards}
+
+
+def _start_run(args):
+    """A new MLflow run, or the one an earlier training under the same --storage / --name started."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = stored_run_id(args)
+    if run_id:
+        try:
+            return mlflow.start_run(run_id=run_id), True
+        except MlflowException as e:
+            log.warning("run %s of %s/%s not in this tracking store (%s): starting a new one", run_id, args.storage, args.name, e)
+    run = mlflow.start_run(run_name=args.name)
+    store_run_id(args, run.info.run_id)
+    return run, False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,52 +358,74 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
     import ray
-    from ray.data import FileShuffleConfig
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from meta import storage
 
     if not ray.is_initialized():
         ray.init()
     uri = tracking.use_tracking(args.tracking_uri, args.experiment)
+    run, resumed = _start_run(args)
+    try:
+        with run:
+            if resumed:  # params are immutable in MLflow: a resume records its own arguments as a tag
+                mlflow.set_tag("resumed_with", json.dumps(vars(args), sort_keys=True))
+            else:
+                mlflow.log_params({**vars(args), "n_sweeps_train": len(train_ids), "n_sweeps_val": len(val_ids),
+                                   "n_sweeps_unlearned_left_out": len(done) - len(rows)})
+                mlflow.log_text("\n".join(sorted(val_ids)), "validation_sweeps.txt")
+            lineage = log_lineage(args, rows, train_ids, val_ids)
+            _fit_and_register(args, uri, run.info.run_id, train_ids, val_ids, lineage)
+    except KeyboardInterrupt:  # the run is over, not failed; a SIGKILL leaves it RUNNING until a resume continues it
+        mlflow.MlflowClient(uri).set_terminated(run.info.run_id, "KILLED")
+        raise
+    return 0
+
+
+def _fit_and_register(args, uri: str, run_id: str, train_ids: set[str], val_ids: set[str], lineage: dict) -> None:
+    import mlflow
+    import ray
+    from ray.data import FileShuffleConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     def dataset(ids, repeat=None):
         return readers.ray_dataset(args.shards, where=lambda r: r["sweep_id"] in ids,
                                    shuffle=FileShuffleConfig(seed=args.seed)).map_batches(
             to_rows, batch_size=args.sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
 
-    with mlflow.start_run(run_name=args.name) as run:
-        mlflow.log_params({**vars(args), "n_sweeps_train": len(train_ids), "n_sweeps_val": len(val_ids),
-                           "n_sweeps_unlearned_left_out": len(done) - len(rows)})
-        mlflow.log_text("\n".join(sorted(val_ids)), "validation_sweeps.txt")
-        cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "inputs": args.inputs,
-               "shuffle_buffer": args.shuffle_buffer, "checkpoint_every": args.checkpoint_every,
-               "tracking_uri": uri, "run_id": run.info.run_id}
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=cfg,
-            scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=torch.cuda.is_available(),
-                                         resources_per_worker={"CPU": args.cpus_per_worker}),
-            datasets={"train": dataset(train_ids, {"bias": args.bias_repeat}),
-                      "val": dataset(val_ids)},  # validation counts every scalar once
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-            run_config=RunConfig(name=args.name, storage_path=storage.normalize(args.storage),
-                                 failure_config=FailureConfig(max_failures=args.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        )
-        result = trainer.fit()
-        final = {k: v for k, v in result.metrics.items()
-                 if k.startswith(("val_", "train_beyond_range_")) or k in ("step", "resumed_from_step", "sweeps_per_batch")}
-        with result.checkpoint.as_directory() as d:
-            models = registry.load_dir(d)
-            mlflow.log_artifacts(d, artifact_path="checkpoint")
-        print(json.dumps({"run_id": run.info.run_id, **final}, indent=1))
-        if not args.no_register:
-            version, champion = registry.publish(models, METRIC, final[METRIC], uri)
-            print(f"registered {registry.MODEL_NAME} version {version}"
-                  f"{' as ' + registry.ALIAS if champion else ' (champion kept: it validates better)'}")
-    return 0
+    cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "inputs": args.inputs,
+           "shuffle_buffer": args.shuffle_buffer, "checkpoint_every": args.checkpoint_every,
+           "tracking_uri": uri, "run_id": run_id}
+    val = dataset(val_ids)  # validation counts every scalar once
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=wants_gpu(args.use_gpu, ray.cluster_resources()),
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        datasets={"train": dataset(train_ids, {"bias": args.bias_repeat}), "val": val},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=args.name, storage_path=storage.normalize(args.storage),
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=RANK,
+                                                                checkpoint_score_order="min")),
+    )
+    result = trainer.fit()
+    best, best_metrics = best_checkpoint(result.best_checkpoints)
+    final = {k: v for k, v in result.metrics.items()
+             if k.startswith(("val_", "train_beyond_range_")) or k in ("step", "resumed_from_step", "sweeps_per_batch")}
+    final |= {"best_step": best_metrics["step"], f"best_{METRIC}": best_metrics[METRIC]}
+    with best.as_directory() as d:
+        models = registry.load_dir(d)
+        mlflow.log_artifacts(d, artifact_path="best_checkpoint")
+    mlflow.log_metrics({f"best_{METRIC}": best_metrics[METRIC], "best_step": best_metrics["step"]})
+    print(json.dumps({"run_id": run_id, **final}, indent=1))
+    if args.no_register:
+        return
+
+    def revalidate(champion: dict) -> float:
+        return validation_metrics(champion, val.iter_torch_batches(batch_size=args.batch_size))[METRIC]
+
+    version, champion, why = registry.publish(models, best_metrics[METRIC], lineage, uri, revalidate)
+    print(f"registered {registry.MODEL_NAME} version {version} (best checkpoint, step {best_metrics['step']})"
+          f"{' as ' + registry.ALIAS if champion else ': champion kept'}; {why}")
 
 
 if __name__ == "__main__":

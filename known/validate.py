@@ -24,6 +24,7 @@ from torch import nn
 from collectors import data, zoo
 from collectors.config import SweepSpec
 from collectors.sweep import evaluate, test_split
+from known import registry
 from known.model import S
 from known.predict import METHODS, reestimate_bn, retrodict
 from known.windows import is_validation, window_targets
@@ -112,21 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         settings = data.DataSettings(data.resolve_root(args.data_root), unverified_cifar10=args.unverified_cifar10)
-        methods = {}
-        for m in args.methods:
-            if m == "known":
-                from known import registry
-
-                methods[m] = registry.load(args.known)
-            elif m == "known-official":
-                from known.official import load_dir
-
-                if not args.official:
-                    raise ValueError("--methods known-official needs --official DIR")
-                methods[m] = load_dir(args.official)
-            else:
-                methods[m] = None
-    except (data.DataError, ValueError, FileNotFoundError) as e:
+        if "known-official" in args.methods and not args.official:
+            raise ValueError("--methods known-official needs --official DIR")
+        sources = {"known": args.known, "known-official": args.official}
+        methods = {m: registry.load_predictor(m, sources.get(m)) for m in args.methods}
+    except (data.DataError, ValueError, FileNotFoundError) as e:  # ValueError includes KnownError
         print(f"error: {e}", file=sys.stderr)
         return 2
     def where(row: dict) -> bool:

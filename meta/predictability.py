@@ -255,15 +255,13 @@ def log_to_mlflow(numbers: dict, report: str, roots: dict[str, str], tracking: s
 
 def _load_knowns(specs: list[str]) -> dict[str, dict]:
     """name -> models for each ``--known`` (``models:/…``, a folder, or ``shipped``)."""
-    from mlflow.exceptions import MlflowException
-
     from known import registry
 
     out = {}
     for spec in specs:
         try:
-            out[f"KNOWN {spec}"] = registry.load(None if spec == "shipped" else spec)
-        except (FileNotFoundError, ValueError, OSError, MlflowException) as e:
+            out[f"KNOWN {spec}"] = registry.load_predictor("known", None if spec == "shipped" else spec)
+        except (FileNotFoundError, ValueError, OSError) as e:  # ValueError includes KnownError (bad models:/ URI)
             raise PredictabilityError(f"--known {spec}: {e}") from e
     return out
 

@@ -197,3 +197,14 @@ def test_a_killed_experiment_resumes_losing_nothing_finished_and_duplicating_not
     assert before <= {c.info.run_id for c in finished}  # what finished before the kill was kept, not rerun
     summary = json.loads(Path(parents[0].info.artifact_uri.removeprefix("file://"), "summary.json").read_text())
     assert all(r["n"] == 3 for r in summary["rows"]) and [g["oracle"] for g in summary["gaps"]] == ["oracle-x2"] * 2
+
+
+def test_the_shipped_protocol_is_read_from_the_catalog_rows():
+    from known.registry import protocol_of
+
+    row = {"stage_init": "sequential", "schedule": "cosine", "optimizer_state": "fresh", "augment": "none",
+           "stage_epochs": 10, "pretrain_epochs": 10}
+    assert protocol_of([row]) == {"stage_init": "sequential", "schedule": "cosine", "optimizer_state": "fresh",
+                                  "augment": "none", "stage_epochs": "pretrain"}
+    mixed = protocol_of([row, {**row, "schedule": None, "stage_epochs": 2}])  # None: an old catalog, the legacy default
+    assert mixed["schedule"] == ["constant", "cosine"] and mixed["stage_epochs"] == [2, "pretrain"]

@@ -200,9 +200,9 @@ def test_team_mlflow_server_on_postgres(tmp_path, fake_root, ray_local):
         mlflow.set_experiment("known-meta-training")
         models = registry.fresh(5)
         with mlflow.start_run():
-            version, champion = registry.publish(models, "val_rel_l1", 0.9, uri)
+            version, champion, _ = registry.publish(models, 0.9, {registry.VAL_DIGEST: "v"}, uri)
         assert champion
-        got = registry.load(f"models:/{registry.MODEL_NAME}@{registry.ALIAS}", uri)
+        got = registry.load_predictor("known", f"models:/{registry.MODEL_NAME}@{registry.ALIAS}", uri)
         import torch
 
         w = torch.randn(8, 5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from collectors import zoo
-from known import baselines
+from known import KnownError, baselines
 from known.model import KNOWN
 from known.predict import PredictError, infer_kinds, retrodict
 
@@ -142,8 +142,8 @@ def test_bad_stages_are_named():
         retrodict(bad, method="taskvector")
     with pytest.raises(PredictError, match="unknown method 'magic'"):
         retrodict(stages, method="magic")
-    with pytest.raises(PredictError, match="needs a KNOWN"):
-        retrodict(stages, method="known")
+    with pytest.raises(PredictError, match=r"needs a KNOWN for \['bias'\]"):
+        retrodict(stages, method="known", models={"conv": KNOWN(), "linear": KNOWN()})
 
 
 def _write_keras_h5(path, model: KNOWN, flat: bool = False) -> None:
@@ -254,14 +254,14 @@ def test_ship_writes_weights_then_provenance_and_load_finds_them(tmp_path, monke
 
     monkeypatch.setattr(registry, "SHIPPED", tmp_path)
     with pytest.raises(FileNotFoundError, match="PROVENANCE.json"):
-        registry.load()
+        registry.load_predictor()
     models = registry.fresh(4)
     registry.save_dir(models, tmp_path)  # weights alone, no provenance: an unfinished ship, not loadable
     with pytest.raises(FileNotFoundError, match="PROVENANCE.json"):
-        registry.load()
+        registry.load_predictor()
     registry.ship(models, {"sweeps_done": 7}, tmp_path)
     assert json.loads((tmp_path / "PROVENANCE.json").read_text()) == {"sweeps_done": 7}
-    got = registry.load()
+    got = registry.load_predictor()
     w = torch.randn(10, 5)
     with torch.no_grad():
         assert torch.equal(got["conv"].step(w), models["conv"].step(w))
@@ -277,3 +277,76 @@ def test_relative_sqlite_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
     assert tracking.tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path}/sub/m.db"
     assert tracking.tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert tracking.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_the_contract_call_uses_the_shipped_known_without_models():
+    from known import registry
+
+    model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 32}, 1, 10)
+    stages = _stages(model)
+    preds = retrodict(stages, steps=3, method="known")  # the README's call, no models
+    shipped = retrodict(stages, steps=3, method="known", models=registry.load_predictor())
+    other = retrodict(stages, steps=3, method="known", models=registry.fresh(9, "rms"))
+    conv = "0.weight"
+    assert len(preds) == 3 and torch.equal(preds[2][conv], shipped[2][conv])
+    assert not torch.equal(preds[0][conv], stages[0][conv]) and not torch.equal(preds[0][conv], other[0][conv])
+    for p in preds:
+        model.load_state_dict(p, strict=True)
+    with pytest.raises(KnownError, match="known-official.*KNOWN_\\*.h5"):
+        retrodict(stages, method="known-official")
+
+
+def test_predict_cli_defaults_to_known_and_a_bad_registry_uri_is_one_line(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    from known.predict import main
+
+    monkeypatch.chdir(tmp_path)
+    model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 32}, 1, 10)
+    files = []
+    for k, st in enumerate(_stages(model)):
+        files.append(str(tmp_path / f"s{k}.safetensors"))
+        safetensors.torch.save_file(st, files[-1])
+    assert main(["--stages", *files, "--steps", "1", "--out", str(tmp_path / "out")]) == 0
+    pred = safetensors.torch.load_file(str(tmp_path / "out" / "step1.safetensors"))
+    assert torch.equal(pred["0.weight"], retrodict([safetensors.torch.load_file(f) for f in files], 1)[0]["0.weight"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    assert main(["--stages", *files, "--known", "models:/KNOWN@champion", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own log lines
+    assert err.startswith("error: models:/KNOWN@champion not found in the registry") and "Traceback" not in err
+
+
+def test_bn_is_reestimated_from_a_users_own_batches():
+    from torch import nn
+
+    from known.predict import reestimate_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(64, 3, 8, 8) * 2 + 1
+    loader = [(x[i : i + 16], torch.zeros(16)) for i in range(0, 64, 16)]  # what a DataLoader yields
+    reestimate_bn(model, iter(loader))
+    with torch.no_grad():
+        assert torch.allclose(model[1].running_mean, model[0](x).mean((0, 2, 3)), atol=1e-5)
+    assert not model.training
+    with pytest.raises(PredictError, match="no image batches"):
+        reestimate_bn(model, [])
+
+
+@pytest.mark.parametrize("inputs", ["raw", "scaled", "rms"])
+def test_fast_layout_computes_known_step_in_any_chunking_and_threads(inputs):
+    from known.fast import FastKNOWN
+
+    torch.manual_seed(0)
+    model = KNOWN(inputs=inputs)
+    for p in model.parameters():  # trained-like weights, not the near-zero initialisation
+        p.data.normal_(0, 0.5)
+    w = torch.randn(3001, 5).cumsum(1) * 0.01
+    rms = torch.rand(3001) * 0.05 + 0.01
+    with torch.no_grad():
+        want = model.step(w, rms)
+    assert (want - w[:, -1]).abs().mean() > 1e-4  # a real residual, so a broken layout shows
+    fast, intra = FastKNOWN(model), torch.get_num_threads()
+    for chunk, threads in ((4096, 1), (1000, 2), (333, 3)):
+        assert torch.allclose(fast.step(w, rms, chunk, threads), want, atol=1e-5, rtol=1e-4), (chunk, threads)
+    assert torch.get_num_threads() == intra  # the one-thread-per-chunk setting is undone

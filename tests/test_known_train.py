@@ -79,8 +79,9 @@ def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkey
     assert train.main([*base, "--epochs", "1", "--name", "run"]) == 0
     out = capsys.readouterr().out
     first = json.loads(out[out.index("{"): out.index("}") + 1])
-    assert first["val_rel_l1_known"] > 0 and first["resumed_from_step"] == 0 and "version 1 as champion" in out
-    models = registry.load("models:/KNOWN@champion", uri)
+    assert first["val_rel_l1_known"] > 0 and first["resumed_from_step"] == 0 and "version 1 (best checkpoint" in out
+    assert "as champion" in out
+    models = registry.load_predictor("known", "models:/KNOWN@champion", uri)
     assert set(models) == {"conv", "linear", "bias"}
     assert sum(p.numel() for p in models["conv"].parameters()) == 9425
     # the same name again with more epochs continues from the checkpoint instead of starting over
@@ -89,6 +90,18 @@ def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkey
     second = json.loads(out[out.index("{"): out.index("}") + 1])
     assert "registered KNOWN version 2" in out
     assert second["resumed_from_step"] == first["step"] and second["step"] == 2 * first["step"]
+    # the resume continued the same MLflow run, which records the meta-dataset it trained on
+    from mlflow import MlflowClient
+
+    assert second["run_id"] == first["run_id"]
+    run = MlflowClient(uri).get_run(first["run_id"])
+    assert run.info.status == "FINISHED" and "resumed_with" in run.data.tags
+    (dataset,) = {i.dataset.name: i for i in run.inputs.dataset_inputs}.values()
+    assert dataset.dataset.name == "meta-dataset" and dataset.dataset.digest == registry.catalog_sha256(str(meta_root))[:32]
+    # version 2 is the best of the two epoch-end checkpoints, with its lineage
+    tags = MlflowClient(uri).get_model_version("KNOWN", "2").tags
+    assert float(tags["val_rel_l1"]) == second["best_val_rel_l1"] <= second["val_rel_l1"]
+    assert tags["catalog_sha256"] == registry.catalog_sha256(str(meta_root)) and len(tags["validation_sha256"]) == 64
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):

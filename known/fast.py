@@ -1,0 +1,127 @@
+"""KNOWN's forward pass laid out for inference over millions of scalars (a KNOW step), on CPU or CUDA.
+
+Same function as ``KNOWN.forward``, computed differently (measured on the 2-core VM, README):
+- activations are transposed, [features, rows]: each stream's block and the base / gate / rate blocks are
+  contiguous row slices, so every matmul writes straight into its slice and no elementwise op runs on a strided view;
+- biases are folded into the matmuls through a row of ones, instead of a broadcast copy before each of them;
+- the two input layers are one (the differences stream reads D·x, D the difference matrix), and base, gate and
+  rate are one matmul per stream;
+- buffers are allocated once per chunk size and reused (a fresh 1 MB activation per op costs page faults);
+- chunks run on ``threads`` Python threads with one intra-op thread each: small ops split across OpenMP
+  threads wait on each other, badly so when another process shares the cores (measured 20-90x slower).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from known.model import EXP_CEIL, EXP_FLOOR, LEAKY_SLOPE, KNOWN
+
+log = logging.getLogger(__name__)
+H = 64  # hidden width of each stream
+
+
+def _with_bias(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[out, in + 1]: the bias as the last input column (read against a row of ones)."""
+    return torch.cat([weight, bias[:, None]], 1)
+
+
+def _epilogue(rate: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """base + gate * exp(clamp(rate * h)) into ``out`` (see ``Stream.forward`` for the clamp)."""
+    return torch.mul(rate, h, out=out).clamp_(EXP_FLOOR, EXP_CEIL).exp_().mul_(gate).add_(base)
+
+
+class FastKNOWN:
+    """An inference-only copy of a KNOWN's weights in the layout above; ``step`` is ``KNOWN.step`` over many rows."""
+
+    def __init__(self, model: KNOWN, compile_epilogue: bool = False):
+        v, d = model.values, model.diffs
+        n = model.n_stages
+        diff = torch.zeros(n - 1, n)
+        diff[range(n - 1), range(1, n)], diff[range(n - 1), range(n - 1)] = 1.0, -1.0
+        with torch.no_grad():
+            w_in = torch.zeros(2 * H + 1, n + 1)  # rows: values block, a row of ones, differences block
+            w_in[:H] = _with_bias(v.inp.weight, v.inp.bias)
+            w_in[H, n] = 1.0
+            w_in[H + 1 :] = _with_bias(d.inp.weight @ diff, d.inp.bias)
+            # the values stream reads rows [0, H] (block, then ones), the differences stream rows [H, 2H] (ones first)
+            self.squeeze = [_with_bias(v.squeeze.weight, v.squeeze.bias),
+                            torch.cat([d.squeeze.bias[:, None], d.squeeze.weight], 1)]
+            self.bgr = [_with_bias(torch.cat([s.base.weight, s.gate.weight, s.rate.weight]),
+                                   torch.cat([s.base.bias, s.gate.bias, s.rate.bias])) for s in (v, d)]
+            self.out = [_with_bias(s.out.weight, s.out.bias) for s in (v, d)]
+            self.head = _with_bias(model.head.weight, model.head.bias)
+        self.w_in, self.inputs, self.n_stages = w_in, model.inputs, n
+        self.prepare = model.prepare
+        self.epilogue = _epilogue
+        if compile_epilogue:
+            self.epilogue = self._compiled()
+
+    def _compiled(self):
+        """torch.compile'd epilogue, or the eager one where compiling fails (no compiler, unsupported device)."""
+        try:
+            fn = torch.compile(_epilogue, dynamic=False)
+            probe = torch.ones(2, 3)
+            fn(probe, probe, probe, probe, torch.empty(2, 3))
+            return fn
+        except Exception as e:  # noqa: BLE001 - any backend failure means: run eager
+            log.warning("torch.compile of the KNOWN epilogue failed (%s): running it eagerly", e)
+            return _epilogue
+
+    def to(self, device) -> FastKNOWN:
+        for name in ("w_in", "head"):
+            setattr(self, name, getattr(self, name).to(device))
+        for name in ("squeeze", "bgr", "out"):
+            setattr(self, name, [t.to(device) for t in getattr(self, name)])
+        return self
+
+    def _buffers(self, n: int, device) -> dict[str, torch.Tensor]:
+        def ones(rows):
+            return torch.ones(rows, n, device=device)
+
+        return {"x": ones(self.n_stages + 1), "h": ones(2 * H + 1), "g": ones(9), "bgr": ones(3 * H), "e": ones(H + 1),
+                "o": ones(2 * 32 + 1), "r": ones(1)}
+
+    def residual(self, x: torch.Tensor, buf: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KNOWN's output for network inputs ``x`` [n, S], computed in ``buf`` (from ``_buffers(n)``); [n]."""
+        s = self.n_stages
+        buf["x"][:s].copy_(x.T)
+        h = torch.mm(self.w_in, buf["x"], out=buf["h"])
+        for j, (rows, block) in enumerate(((slice(0, H + 1), slice(0, H)), (slice(H, 2 * H + 1), slice(H + 1, 2 * H + 1)))):
+            torch.mm(self.squeeze[j], h[rows], out=buf["g"][:8]).relu_()
+            bgr = torch.mm(self.bgr[j], buf["g"], out=buf["bgr"])
+            self.epilogue(bgr[2 * H :], h[block], bgr[H : 2 * H], bgr[:H], buf["e"][:H])
+            torch.mm(self.out[j], buf["e"], out=buf["o"][32 * j : 32 * (j + 1)])
+        F.leaky_relu_(buf["o"][:64], LEAKY_SLOPE)
+        return torch.mm(self.head, buf["o"], out=buf["r"]).tanh_()[0]
+
+    def step(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int, threads: int = 1) -> torch.Tensor:
+        """``KNOWN.step`` of every row of ``w`` [N, S], in chunks of ``chunk`` rows on ``threads`` threads."""
+        out = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+        parts = torch.arange(w.shape[0]).tensor_split(max(1, threads))
+
+        def run(rows: torch.Tensor) -> None:
+            bufs: dict[int, dict] = {}
+            with torch.inference_mode():
+                for i in range(int(rows[0]), int(rows[-1]) + 1, chunk) if len(rows) else ():
+                    j = min(i + chunk, int(rows[-1]) + 1)
+                    x, centre, scale = self.prepare(w[i:j], None if rms is None else rms[i:j])
+                    buf = bufs.setdefault(j - i, self._buffers(j - i, w.device))
+                    out[i:j] = centre + scale * self.residual(x, buf)
+
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)  # each Python thread runs its chunks on one core (on CUDA: launches kernels)
+        try:
+            if len(parts) == 1:
+                run(parts[0])
+            else:
+                with ThreadPoolExecutor(len(parts)) as pool:
+                    list(pool.map(run, parts))
+        finally:
+            torch.set_num_threads(saved)
+        return out
+
