@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from known import KnownError, registry, tracking
+from known import KnownError, registry
+from known.tracking import use_tracking
 from known.train import best_checkpoint, validation_digest, wants_gpu
 
 
@@ -17,7 +18,7 @@ def tracking(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.use_tracking(uri, "registry-test")
+    use_tracking(uri, "registry-test")
     yield uri
     mlflow.end_run()
 
