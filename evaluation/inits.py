@@ -6,7 +6,7 @@
   measured update, so a predictor only counts where it beats its own shrink-plus-noise;
 - shrink (σ = 0, λ fitted per tensor to a predictor's update) and scaled (a fixed λ = 0.8^k): does a gain
   come from the shrink alone? (the naive controls with BN statistics reset and a larger fine-tuning lr are
-  fine-tune settings, in ``evaluation.plan``);
+  fine-tune settings of ``evaluation.transfer.build_inits``);
 - decompose: how much of a predictor's update Θ̂ − Θ0 is a uniform shrink of Θ0, and how much more a
   step along Θ0 − Θ1 explains (R² over all predicted scalars).
 """

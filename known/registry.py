@@ -10,7 +10,6 @@ champion is re-validated on the challenger's (``known.train`` does), and without
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
