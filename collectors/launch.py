@@ -46,7 +46,7 @@ def _live_view(args: argparse.Namespace, n_sweeps: int, num_workers: int | None)
     if args.no_mlflow:
         return None
     from collectors.progress import MlflowProgress
-    from known.registry import tracking_uri
+    from known.tracking import tracking_uri
 
     params = {"config": args.config, "out": args.out, "num_sweeps": n_sweeps, "num_workers": num_workers or "auto"}
     return MlflowProgress(tracking_uri(args.tracking_uri), f"collect {Path(args.out).name}", params)

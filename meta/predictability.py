@@ -240,7 +240,7 @@ def log_to_mlflow(numbers: dict, report: str, roots: dict[str, str], tracking: s
     """One MLflow run with every number as a metric (``<protocol>.<kind>.<predictor>``) and the report."""
     import mlflow
 
-    from known.registry import use_tracking
+    from known.tracking import use_tracking
 
     use_tracking(tracking, "predictability")
     with mlflow.start_run(run_name="predictability") as run:
