@@ -9,6 +9,11 @@ Same function as ``KNOWN.forward``, computed differently (measured on the 2-core
 - buffers are allocated once per chunk size and reused (a fresh 1 MB activation per op costs page faults);
 - chunks run on ``threads`` Python threads with one intra-op thread each: small ops split across OpenMP
   threads wait on each other, badly so when another process shares the cores (measured 20-90x slower).
+
+``CompiledKNOWN`` is the same function once more, for torch.compile: the squeeze layer folded into the input
+layer (no nonlinearity between them), so that every layer before ``out`` reads at most 8 inputs, written as
+broadcast sums, which inductor unrolls into one vectorised loop per stream (a GEMM with K <= 9 runs far below
+peak). Faster on CPU once compiled, but compiling takes seconds: opt-in (``compile=True``).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def _epilogue(rate: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, base: tor
 class FastKNOWN:
     """An inference-only copy of a KNOWN's weights in the layout above; ``step`` is ``KNOWN.step`` over many rows."""
 
-    def __init__(self, model: KNOWN, compile_epilogue: bool = False):
+    def __init__(self, model: KNOWN):
         v, d = model.values, model.diffs
         n = model.n_stages
         diff = torch.zeros(n - 1, n)
@@ -57,20 +62,6 @@ class FastKNOWN:
             self.head = _with_bias(model.head.weight, model.head.bias)
         self.w_in, self.inputs, self.n_stages = w_in, model.inputs, n
         self.prepare = model.prepare
-        self.epilogue = _epilogue
-        if compile_epilogue:
-            self.epilogue = self._compiled()
-
-    def _compiled(self):
-        """torch.compile'd epilogue, or the eager one where compiling fails (no compiler, unsupported device)."""
-        try:
-            fn = torch.compile(_epilogue, dynamic=False)
-            probe = torch.ones(2, 3)
-            fn(probe, probe, probe, probe, torch.empty(2, 3))
-            return fn
-        except Exception as e:  # noqa: BLE001 - any backend failure means: run eager
-            log.warning("torch.compile of the KNOWN epilogue failed (%s): running it eagerly", e)
-            return _epilogue
 
     def to(self, device) -> FastKNOWN:
         for name in ("w_in", "head"):
@@ -94,7 +85,7 @@ class FastKNOWN:
         for j, (rows, block) in enumerate(((slice(0, H + 1), slice(0, H)), (slice(H, 2 * H + 1), slice(H + 1, 2 * H + 1)))):
             torch.mm(self.squeeze[j], h[rows], out=buf["g"][:8]).relu_()
             bgr = torch.mm(self.bgr[j], buf["g"], out=buf["bgr"])
-            self.epilogue(bgr[2 * H :], h[block], bgr[H : 2 * H], bgr[:H], buf["e"][:H])
+            _epilogue(bgr[2 * H :], h[block], bgr[H : 2 * H], bgr[:H], buf["e"][:H])
             torch.mm(self.out[j], buf["e"], out=buf["o"][32 * j : 32 * (j + 1)])
         F.leaky_relu_(buf["o"][:64], LEAKY_SLOPE)
         return torch.mm(self.head, buf["o"], out=buf["r"]).tanh_()[0]
@@ -125,3 +116,73 @@ class FastKNOWN:
             torch.set_num_threads(saved)
         return out
 
+
+
+def _linear(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w @ x + b for x [K, rows] as a broadcast sum: inductor unrolls sums of K <= 8 into the consumer's loop."""
+    return (w[:, :, None] * x[None]).sum(1) + b[:, None]
+
+
+def _residual(xt: torch.Tensor, streams: list[dict], head: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """KNOWN's output for network inputs ``xt`` [S, rows] (transposed), weights from ``CompiledKNOWN``; [rows]."""
+    outs = []
+    for p in streams:
+        h = _linear(*p["in"], xt)
+        g = torch.relu(_linear(*p["squeeze"], xt))
+        rate = (_linear(*p["rate"], g) * h).clamp(EXP_FLOOR, EXP_CEIL)
+        e = _linear(*p["base"], g) + _linear(*p["gate"], g) * torch.exp(rate)
+        outs.append(F.leaky_relu(torch.addmm(p["out"][1][:, None], p["out"][0], e), LEAKY_SLOPE))
+    return torch.tanh(torch.addmm(head[1][:, None], head[0], torch.cat(outs)))[0]
+
+
+# the weights are arguments, so one compiled graph serves every KNOWN (a graph per chunk size and device)
+_compiled_residual = torch.compile(_residual, dynamic=False)
+
+
+class CompiledKNOWN:
+    """``KNOWN.step`` as one torch.compile'd graph per chunk size (see the module docstring); falls back to
+    ``FastKNOWN`` where compiling fails (no C++ compiler, unsupported backend)."""
+
+    def __init__(self, model: KNOWN):
+        n = model.n_stages
+        diff = torch.zeros(n - 1, n)
+        diff[range(n - 1), range(1, n)], diff[range(n - 1), range(n - 1)] = 1.0, -1.0
+        self.streams = [self._stream(model.values, torch.eye(n)), self._stream(model.diffs, diff)]
+        self.head = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
+        self.prepare, self.model = model.prepare, model
+
+    @staticmethod
+    def _stream(s, reads: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One stream's weights against the network input x (``reads``: the stream's input is reads @ x)."""
+        w = {k: getattr(s, k).weight.detach() for k in ("inp", "squeeze", "base", "gate", "rate", "out")}
+        b = {k: getattr(s, k).bias.detach() for k in w}
+        w_in = w["inp"] @ reads
+        return {"in": (w_in, b["inp"]), "squeeze": (w["squeeze"] @ w_in, w["squeeze"] @ b["inp"] + b["squeeze"]),
+                **{k: (w[k].clone(), b[k].clone()) for k in ("base", "gate", "rate", "out")}}
+
+    def to(self, device) -> CompiledKNOWN:
+        self.streams = [{k: tuple(t.to(device) for t in v) for k, v in p.items()} for p in self.streams]
+        self.head = tuple(t.to(device) for t in self.head)
+        return self
+
+    def step(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int, threads: int = 1) -> torch.Tensor:
+        """``KNOWN.step`` of every row of ``w`` [N, S] in chunks of ``chunk`` rows (the last one padded, so one
+        graph serves every chunk) on torch's threads (inductor's loops are OpenMP-parallel; Python threads
+        would queue on the GIL). ``threads`` is for ``FastKNOWN``'s signature and the fallback."""
+        try:
+            return self._run(w, rms, chunk)
+        except Exception as e:  # noqa: BLE001 - any compiler or backend failure means: the eager layout
+            log.warning("torch.compile of the KNOW step failed (%s): running it eagerly", str(e).splitlines()[0])
+            return FastKNOWN(self.model).to(w.device).step(w, rms, chunk, threads)
+
+    def _run(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int) -> torch.Tensor:
+        out = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+        pad = torch.zeros(chunk, w.shape[1], dtype=w.dtype, device=w.device)
+        with torch.inference_mode():
+            for i in range(0, w.shape[0], chunk):
+                j = min(i + chunk, w.shape[0])
+                x, centre, scale = self.prepare(w[i:j], None if rms is None else rms[i:j])
+                if j - i < chunk:
+                    x = torch.cat([x, pad[: chunk - (j - i)]])
+                out[i:j] = centre + scale * _compiled_residual(x.T.contiguous(), self.streams, self.head)[: j - i]
+        return out

@@ -117,8 +117,10 @@ def test_known_method_runs_batched_in_chunks_and_matches_unchunked():
     models = {k: KNOWN() for k in ("conv", "linear", "bias")}
     a = retrodict(stages, steps=2, models=models, chunk=7)
     b = retrodict(stages, steps=2, models=models, chunk=1 << 20)
+    c = retrodict(stages, steps=2, models=models, chunk=512, compile=True)
     for n in a[1]:
         assert torch.allclose(a[1][n], b[1][n], atol=1e-6), n
+        assert torch.allclose(c[1][n], b[1][n], atol=1e-5), n
 
 
 def test_inferred_kinds_match_the_zoo_on_a_plain_cnn():
@@ -350,3 +352,28 @@ def test_fast_layout_computes_known_step_in_any_chunking_and_threads(inputs):
     for chunk, threads in ((4096, 1), (1000, 2), (333, 3)):
         assert torch.allclose(fast.step(w, rms, chunk, threads), want, atol=1e-5, rtol=1e-4), (chunk, threads)
     assert torch.get_num_threads() == intra  # the one-thread-per-chunk setting is undone
+
+
+def test_compiled_step_matches_known_step_and_falls_back_when_compiling_fails(monkeypatch, caplog):
+    from known import fast
+
+    torch.manual_seed(0)
+    model = KNOWN(inputs="rms")
+    for p in model.parameters():
+        p.data.normal_(0, 0.5)
+    w = torch.randn(3001, 5).cumsum(1) * 0.01
+    rms = torch.rand(3001) * 0.05 + 0.01
+    with torch.no_grad():
+        want = model.step(w, rms)
+    assert (want - w[:, -1]).abs().mean() > 1e-4
+    got = fast.CompiledKNOWN(model).step(w, rms, 1024)  # 3 full chunks and a padded one
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+    def broken(*args):
+        raise RuntimeError("InductorError: no C++ compiler\nlong trace")
+
+    monkeypatch.setattr(fast, "_compiled_residual", broken)
+    with caplog.at_level("WARNING", logger="known.fast"):
+        again = fast.CompiledKNOWN(model).step(w, rms, 1024)
+    assert torch.allclose(again, want, atol=1e-5, rtol=1e-4)
+    assert "running it eagerly" in caplog.text and "no C++ compiler" in caplog.text and "long trace" not in caplog.text
