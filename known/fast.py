@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 H = 64  # hidden width of each stream
 
 
+def _differences(n: int) -> torch.Tensor:
+    """D [n-1, n] with D·x = the n-1 successive differences of x (the differences stream's input)."""
+    d = torch.zeros(n - 1, n)
+    d[range(n - 1), range(1, n)], d[range(n - 1), range(n - 1)] = 1.0, -1.0
+    return d
+
+
 def _with_bias(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """[out, in + 1]: the bias as the last input column (read against a row of ones)."""
     return torch.cat([weight, bias[:, None]], 1)
@@ -45,9 +52,7 @@ class FastKNOWN:
 
     def __init__(self, model: KNOWN):
         v, d = model.values, model.diffs
-        n = model.n_stages
-        diff = torch.zeros(n - 1, n)
-        diff[range(n - 1), range(1, n)], diff[range(n - 1), range(n - 1)] = 1.0, -1.0
+        n, diff = model.n_stages, _differences(model.n_stages)
         with torch.no_grad():
             w_in = torch.zeros(2 * H + 1, n + 1)  # rows: values block, a row of ones, differences block
             w_in[:H] = _with_bias(v.inp.weight, v.inp.bias)
@@ -145,9 +150,7 @@ class CompiledKNOWN:
 
     def __init__(self, model: KNOWN):
         n = model.n_stages
-        diff = torch.zeros(n - 1, n)
-        diff[range(n - 1), range(1, n)], diff[range(n - 1), range(n - 1)] = 1.0, -1.0
-        self.streams = [self._stream(model.values, torch.eye(n)), self._stream(model.diffs, diff)]
+        self.streams = [self._stream(model.values, torch.eye(n)), self._stream(model.diffs, _differences(n))]
         self.head = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
         self.prepare, self.model = model.prepare, model
 
