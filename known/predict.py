@@ -107,6 +107,8 @@ def retrodict(
         raise PredictError(f"unknown method {method!r}; known: {list(METHODS)}")
     if steps < 1:
         raise PredictError(f"steps must be >= 1, got {steps}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise PredictError(f"chunk must be a positive number of scalars, got {chunk!r}")
     _validate(stages)
     kinds = dict(kinds) if kinds is not None else infer_kinds(stages[0])
     if method.startswith("known"):

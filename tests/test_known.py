@@ -144,6 +144,8 @@ def test_bad_stages_are_named():
         retrodict(bad, method="taskvector")
     with pytest.raises(PredictError, match="unknown method 'magic'"):
         retrodict(stages, method="magic")
+    with pytest.raises(PredictError, match="chunk must be a positive number of scalars, got 0"):
+        retrodict(stages, method="known", chunk=0)
     with pytest.raises(PredictError, match=r"needs a KNOWN for \['bias'\]"):
         retrodict(stages, method="known", models={"conv": KNOWN(), "linear": KNOWN()})
 
