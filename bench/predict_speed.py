@@ -18,7 +18,8 @@ from common import emit
 
 from known import registry
 from known.model import segment_rms
-from known.predict import DEFAULT_CHUNK, _step
+from known.fast import FastKNOWN
+from known.predict import _step
 
 MACS_PER_SCALAR = 8832
 
@@ -48,9 +49,8 @@ def unfused(model, window: torch.Tensor, chunk: int) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", type=int, default=11_200_000, help="scalars per step (ResNet18: 11.2M)")
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
+    p.add_argument("--chunk", type=int, default=None, help="scalars per forward pass (default: each layout's own)")
     p.add_argument("--threads", type=int, default=None, help="chunk threads (default: torch's intra-op threads)")
-    p.add_argument("--compile-chunk", type=int, default=4096, help="chunk of the compiled step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--unfused", action="store_true", help="also time KNOWN.step in chunks (the old layout)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
@@ -65,18 +65,19 @@ def main() -> None:
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     t_mm = best_of(lambda: a @ b, sync=sync)
     t_known = best_of(lambda: _step(window, "known", model, args.chunk, [args.params], args.threads), sync=sync)
-    extra = {}
+    others = {}  # further layouts, each timed in this run
     if args.unfused:
-        extra["unfused_ratio"] = round(best_of(lambda: unfused(model, window, args.chunk), sync=sync) / t_mm, 3)
+        others["unfused"] = best_of(lambda: unfused(model, window, args.chunk or FastKNOWN.CHUNK), sync=sync)
     if args.compile:
-        t = best_of(lambda: _step(window, "known", model, args.compile_chunk, [args.params], args.threads, True), sync=sync)
-        extra["compiled_ratio"] = round(t / t_mm, 3)
-        extra["compiled_step_s"] = round(t, 3)
+        others["compiled"] = best_of(lambda: _step(window, "known", model, args.chunk, [args.params], args.threads, True), sync=sync)
     t_mm = min(t_mm, best_of(lambda: a @ b, sync=sync))  # the matmul again, after: the faster of the two
+    extra = {}
+    for name, t in others.items():
+        extra[f"{name}_step_s"], extra[f"{name}_ratio"] = round(t, 3), round(t / t_mm, 3)
     emit("predict_speed", ratio=round(t_known / t_mm, 3), target="<= 2.0", known_step_s=round(t_known, 3),
          matmul_s=round(t_mm, 3), matmul_n=n, params=args.params, flops=flops,
          s_per_param=t_known / args.params, known_gflops=round(flops / t_known / 1e9, 1),
-         matmul_gflops=round(2 * n**3 / t_mm / 1e9, 1), chunk=args.chunk, inputs=model.inputs, device=str(dev),
+         matmul_gflops=round(2 * n**3 / t_mm / 1e9, 1), chunk=args.chunk or FastKNOWN.CHUNK, inputs=model.inputs, device=str(dev),
          threads=args.threads or (1 if dev.type == "cuda" else torch.get_num_threads()), **extra)
 
 

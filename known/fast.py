@@ -50,9 +50,11 @@ def _epilogue(rate: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, base: tor
 class FastKNOWN:
     """An inference-only copy of a KNOWN's weights in the layout above; ``step`` is ``KNOWN.step`` over many rows."""
 
+    CHUNK = 2048  # its default chunk: keeps the [192, chunk] activations in L2 (bench/predict_speed.py)
+
     def __init__(self, model: KNOWN):
         v, d = model.values, model.diffs
-        n, diff = model.n_stages, _differences(model.n_stages)
+        n, diff = model.n_stages, _differences(model.n_stages).to(d.inp.weight.device)
         with torch.no_grad():
             w_in = torch.zeros(2 * H + 1, n + 1)  # rows: values block, a row of ones, differences block
             w_in[:H] = _with_bias(v.inp.weight, v.inp.bias)
@@ -142,15 +144,19 @@ def _residual(xt: torch.Tensor, streams: list[dict], head: tuple[torch.Tensor, t
 
 # the weights are arguments, so one compiled graph serves every KNOWN (a graph per chunk size and device)
 _compiled_residual = torch.compile(_residual, dynamic=False)
+_compile_failed = False  # set once compiling failed in this process: not retried for every step and kind
 
 
 class CompiledKNOWN:
     """``KNOWN.step`` as one torch.compile'd graph per chunk size (see the module docstring); falls back to
     ``FastKNOWN`` where compiling fails (no C++ compiler, unsupported backend)."""
 
+    CHUNK = 4096  # its default chunk: one graph call per chunk, so larger than FastKNOWN's (bench/predict_speed.py)
+
     def __init__(self, model: KNOWN):
         n = model.n_stages
-        self.streams = [self._stream(model.values, torch.eye(n)), self._stream(model.diffs, _differences(n))]
+        dev = model.head.weight.device
+        self.streams = [self._stream(model.values, torch.eye(n, device=dev)), self._stream(model.diffs, _differences(n).to(dev))]
         self.head = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
         self.prepare, self.model = model.prepare, model
 
@@ -171,12 +177,23 @@ class CompiledKNOWN:
     def step(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int, threads: int = 1) -> torch.Tensor:
         """``KNOWN.step`` of every row of ``w`` [N, S] in chunks of ``chunk`` rows (the last one padded, so one
         graph serves every chunk) on torch's threads (inductor's loops are OpenMP-parallel; Python threads
-        would queue on the GIL). ``threads`` is for ``FastKNOWN``'s signature and the fallback."""
-        try:
-            return self._run(w, rms, chunk)
-        except Exception as e:  # noqa: BLE001 - any compiler or backend failure means: the eager layout
-            log.warning("torch.compile of the KNOW step failed (%s): running it eagerly", str(e).splitlines()[0])
+        would queue on the GIL). Where compiling fails (only the compile: any later error is raised), this and
+        every later call of the process run ``FastKNOWN`` on ``threads`` threads instead."""
+        global _compile_failed
+        if not _compile_failed:
+            try:
+                self._compile(chunk, w.shape[1], w.device)
+            except Exception as e:  # noqa: BLE001 - any compiler or backend failure means: the eager layout
+                _compile_failed = True
+                log.warning("torch.compile of the KNOW step failed (%s): running it eagerly", str(e).splitlines()[0])
+        if _compile_failed:
             return FastKNOWN(self.model).to(w.device).step(w, rms, chunk, threads)
+        return self._run(w, rms, chunk)
+
+    def _compile(self, chunk: int, s: int, device) -> None:
+        """Compiles (or finds compiled) the graph for this chunk size, on zeros of the weights' dtype."""
+        with torch.inference_mode():
+            _compiled_residual(torch.zeros(s, chunk, dtype=self.head[0].dtype, device=device), self.streams, self.head)
 
     def _run(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int) -> torch.Tensor:
         out = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)

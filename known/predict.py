@@ -25,7 +25,6 @@ from known.fast import CompiledKNOWN, FastKNOWN
 from known.model import PREDICTED_KINDS, S, KNOWN, segment_rms
 
 METHODS = ("known", "known-official", *baselines.METHODS)
-DEFAULT_CHUNK = 2048  # scalars per forward pass: keeps the [192, chunk] activations in L2 (bench/predict_speed.py)
 
 
 class PredictError(KnownError):
@@ -73,18 +72,18 @@ def _validate(stages: Sequence[Mapping[str, torch.Tensor]]) -> None:
                 raise PredictError(f"stage {k}: {name} contains NaN or inf")
 
 
-def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int, sizes: list[int],
+def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | None, sizes: list[int],
           threads: int | None = None, compile: bool = False) -> torch.Tensor:
     """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it.
     ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA); ``compile``: the
-    torch.compile'd step (``known.fast.CompiledKNOWN``)."""
+    torch.compile'd step (``known.fast.CompiledKNOWN``); ``chunk`` None: each layout's default."""
     if method in baselines.METHODS:
         return baselines.predict(method, window)
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
-    fast = (CompiledKNOWN if compile else FastKNOWN)(model).to(window.device)
-    return fast.step(window, rms, chunk, threads)
+    layout = CompiledKNOWN if compile else FastKNOWN
+    return layout(model).to(window.device).step(window, rms, chunk or layout.CHUNK, threads)
 
 
 def retrodict(
@@ -94,7 +93,7 @@ def retrodict(
     *,
     models: Mapping[str, KNOWN] | None = None,
     kinds: Mapping[str, str] | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     compile: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Predicted state dicts Θ-1 … Θ-steps from ``stages`` = [Θ0 (most data), …, Θ4 (least data)].
@@ -102,12 +101,13 @@ def retrodict(
     ``models`` maps conv / linear / bias to a KNOWN; without it, method ``known`` uses the shipped KNOWN.
     Tensors of other kinds (norm affine parameters, embeddings, buffers) are copied from Θ0. ``compile``:
     run KNOWN torch.compile'd (faster per step on CPU, seconds to compile: worth it for large models).
+    ``chunk``: scalars per forward pass (default: 2,048 eager, 4,096 compiled).
     """
     if method not in METHODS:
         raise PredictError(f"unknown method {method!r}; known: {list(METHODS)}")
     if steps < 1:
         raise PredictError(f"steps must be >= 1, got {steps}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise PredictError(f"chunk must be a positive number of scalars, got {chunk!r}")
     _validate(stages)
     kinds = dict(kinds) if kinds is not None else infer_kinds(stages[0])

@@ -356,7 +356,7 @@ def test_fast_layout_computes_known_step_in_any_chunking_and_threads(inputs):
     assert torch.get_num_threads() == intra  # the one-thread-per-chunk setting is undone
 
 
-def test_compiled_step_matches_known_step_and_falls_back_when_compiling_fails(monkeypatch, caplog):
+def test_compiled_step_matches_known_step_and_falls_back_only_when_compiling_fails(monkeypatch, caplog):
     from known import fast
 
     torch.manual_seed(0)
@@ -368,14 +368,24 @@ def test_compiled_step_matches_known_step_and_falls_back_when_compiling_fails(mo
     with torch.no_grad():
         want = model.step(w, rms)
     assert (want - w[:, -1]).abs().mean() > 1e-4
-    got = fast.CompiledKNOWN(model).step(w, rms, 1024)  # 3 full chunks and a padded one
+    monkeypatch.setattr(fast, "_compile_failed", False)
+    with caplog.at_level("WARNING", logger="known.fast"):
+        got = fast.CompiledKNOWN(model).step(w, rms, 1024)  # 3 full chunks and a padded one
+    assert "running it eagerly" not in caplog.text  # the compiled graph computed it, not the fallback
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs each window's tensor RMS"):  # errors after compiling are raised
+        fast.CompiledKNOWN(model).step(w, None, 1024)
+
+    calls = []
 
     def broken(*args):
+        calls.append(1)
         raise RuntimeError("InductorError: no C++ compiler\nlong trace")
 
     monkeypatch.setattr(fast, "_compiled_residual", broken)
     with caplog.at_level("WARNING", logger="known.fast"):
         again = fast.CompiledKNOWN(model).step(w, rms, 1024)
+        fast.CompiledKNOWN(model).step(w, rms, 1024)
     assert torch.allclose(again, want, atol=1e-5, rtol=1e-4)
     assert "running it eagerly" in caplog.text and "no C++ compiler" in caplog.text and "long trace" not in caplog.text
+    assert len(calls) == 1  # a failed compile is not retried for every step
