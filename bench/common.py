@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +27,19 @@ def cnn_spec(dataset: str, **over) -> SweepSpec:
 
 def settings(unverified_cifar10: bool = False) -> DataSettings:
     return DataSettings(resolve_root(None), unverified_cifar10=unverified_cifar10 or "--unverified-cifar10" in sys.argv)
+
+
+def best_of(fn, repeats: int = 3, sync=lambda: None) -> float:
+    """Seconds of ``fn``'s fastest run of ``repeats`` after a warm-up (``sync``: wait for the device first)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def emit(name: str, **fields) -> None:

@@ -11,10 +11,9 @@ step (``known.fast.CompiledKNOWN``, timed after its compile); ``--device cuda`` 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import emit
+from common import best_of, emit
 
 from known import registry
 from known.model import segment_rms
@@ -22,18 +21,6 @@ from known.fast import FastKNOWN
 from known.predict import _step
 
 MACS_PER_SCALAR = 8832
-
-
-def best_of(fn, repeats: int = 3, sync=lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def unfused(model, window: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import emit
+from common import best_of, emit
 
 from known import registry
 from known.train import to_rows, train_step
@@ -51,16 +51,10 @@ def _worker(cfg: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n×n matmul on this process's threads, best of ``repeats`` after a warm-up."""
+def _matmul_flops(n: int = 2048) -> float:
+    """FLOP/s of an n×n matmul on this process's threads, best of 5 after a warm-up."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)
+    return 2 * n**3 / best_of(lambda: a @ b, repeats=5)
 
 
 def main() -> None:

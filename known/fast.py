@@ -67,7 +67,7 @@ class FastKNOWN:
                                    torch.cat([s.base.bias, s.gate.bias, s.rate.bias])) for s in (v, d)]
             self.out = [_with_bias(s.out.weight, s.out.bias) for s in (v, d)]
             self.head = _with_bias(model.head.weight, model.head.bias)
-        self.w_in, self.inputs, self.n_stages = w_in, model.inputs, n
+        self.w_in, self.n_stages = w_in, n
         self.prepare = model.prepare
 
     def to(self, device) -> FastKNOWN:
@@ -100,29 +100,36 @@ class FastKNOWN:
     def step(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int, threads: int = 1) -> torch.Tensor:
         """``KNOWN.step`` of every row of ``w`` [N, S], in chunks of ``chunk`` rows on ``threads`` threads."""
         out = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
-        parts = torch.arange(w.shape[0]).tensor_split(max(1, threads))
+        threads = max(1, threads)
+        edges = [w.shape[0] * k // threads for k in range(threads + 1)]
 
-        def run(rows: torch.Tensor) -> None:
+        def run(lo: int, hi: int) -> None:
             bufs: dict[int, dict] = {}
-            with torch.inference_mode():
-                for i in range(int(rows[0]), int(rows[-1]) + 1, chunk) if len(rows) else ():
-                    j = min(i + chunk, int(rows[-1]) + 1)
-                    x, centre, scale = self.prepare(w[i:j], None if rms is None else rms[i:j])
-                    buf = bufs.setdefault(j - i, self._buffers(j - i, w.device))
-                    out[i:j] = centre + scale * self.residual(x, buf)
+            _predict(self.prepare, lambda x: self.residual(x, bufs.setdefault(len(x), self._buffers(len(x), w.device))),
+                     w, rms, out, lo, hi, chunk)
 
         saved = torch.get_num_threads()
         torch.set_num_threads(1)  # each Python thread runs its chunks on one core (on CUDA: launches kernels)
         try:
-            if len(parts) == 1:
-                run(parts[0])
+            if threads == 1:
+                run(0, w.shape[0])
             else:
-                with ThreadPoolExecutor(len(parts)) as pool:
-                    list(pool.map(run, parts))
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(run, edges[:-1], edges[1:]))
         finally:
             torch.set_num_threads(saved)
         return out
 
+
+def _predict(prepare, residual, w: torch.Tensor, rms: torch.Tensor | None, out: torch.Tensor, lo: int, hi: int,
+             chunk: int) -> None:
+    """out[lo:hi] = ``KNOWN.step`` of those rows of ``w``, ``residual`` (network inputs -> output) on chunks of
+    ``chunk`` rows: the loop both layouts share."""
+    with torch.inference_mode():
+        for i in range(lo, hi, chunk):
+            j = min(i + chunk, hi)
+            x, centre, scale = prepare(w[i:j], None if rms is None else rms[i:j])
+            out[i:j] = centre + scale * residual(x)
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -198,11 +205,10 @@ class CompiledKNOWN:
     def _run(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int) -> torch.Tensor:
         out = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
         pad = torch.zeros(chunk, w.shape[1], dtype=w.dtype, device=w.device)
-        with torch.inference_mode():
-            for i in range(0, w.shape[0], chunk):
-                j = min(i + chunk, w.shape[0])
-                x, centre, scale = self.prepare(w[i:j], None if rms is None else rms[i:j])
-                if j - i < chunk:
-                    x = torch.cat([x, pad[: chunk - (j - i)]])
-                out[i:j] = centre + scale * _compiled_residual(x.T.contiguous(), self.streams, self.head)[: j - i]
+
+        def residual(x: torch.Tensor) -> torch.Tensor:
+            full = torch.cat([x, pad[: chunk - len(x)]]) if len(x) < chunk else x
+            return _compiled_residual(full.T.contiguous(), self.streams, self.head)[: len(x)]
+
+        _predict(self.prepare, residual, w, rms, out, 0, w.shape[0], chunk)
         return out
