@@ -73,8 +73,10 @@ class Protocol:
     augment: torch.Generator | None = None
 
     @classmethod
-    def of(cls, spec: SweepSpec) -> Protocol:
-        aug = torch.Generator().manual_seed(spec.seed + 3) if spec.augment == "crop_flip" else None
+    def of(cls, spec: SweepSpec, seed: int | None = None) -> Protocol:
+        """The protocol of ``spec`` (or of anything with its protocol fields, seeded by ``seed``)."""
+        seed = spec.seed if seed is None else seed
+        aug = torch.Generator().manual_seed(seed + 3) if spec.augment == "crop_flip" else None
         return cls(spec.stage_init == "restart", spec.optimizer_state == "carry", aug)
 
 

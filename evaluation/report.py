@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from evaluation.summary import EXPERIMENT, ROLE_TAG, target_results
+from evaluation.summary import EXPERIMENT, ROLE_TAG, ci_cell, fraction_cell, target_results
 from known.tracking import tracking_uri
 
 PLOTS = ("accuracy.png", "forgetting_curve.png", "pca_plane.png")
@@ -58,10 +59,10 @@ def overview_row(name: str, cfg: dict, summary: dict) -> str:
     gap = next((g for g in summary.get("gaps", []) if g["multiplier"] == 2 and g["phase"] == "full"), None)
     oracle = "–"
     if gap:
-        oracle = f"{100 * gap['gap']:+.2f} [{100 * gap['gap_ci_low']:+.2f}, {100 * gap['gap_ci_high']:+.2f}]"
+        oracle = ci_cell(gap, "gap", "gap_ci_low", "gap_ci_high")
         ours = gap["closed"].get("known-1")
-        if ours and ours["fraction"] == ours["fraction"]:  # not nan
-            oracle += f"; known-1 closes {ours['fraction']:+.2f} [{ours['ci_low']:+.2f}, {ours['ci_high']:+.2f}]"
+        if ours and not math.isnan(ours["fraction"]):
+            oracle += f"; known-1 closes {fraction_cell(ours)}"
     res = target_results(comps)
     met = "–" if res is None else " / ".join(("yes" if res[k] else "no") if k in res else "–" for k in ("p", "p_holm", "p_pretrain"))
     return f"| {name} | {setting} | {vs_scratch} | {100 * a0:.1f} → {100 * a4:.1f} | {oracle} | {best[0]} | {best[1]} | {met} |"

@@ -109,11 +109,11 @@ def _pct(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
-def _ci(c: dict, d="d", lo="ci_low", hi="ci_high") -> str:
+def ci_cell(c: dict, d="d", lo="ci_low", hi="ci_high") -> str:
     return f"{100 * c[d]:+.2f} [{100 * c[lo]:+.2f}, {100 * c[hi]:+.2f}]"
 
 
-def _frac(c: dict) -> str:
+def fraction_cell(c: dict) -> str:
     return "–" if math.isnan(c["fraction"]) else f"{c['fraction']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
 
 
@@ -127,7 +127,7 @@ def markdown(name: str, rows, comparisons, gaps, decomposition, curves, wall, ve
         cells = [r["init"], f"{r['multiplier']:g}" if r["method"] != "scratch" else "–", _pct(r["source_acc"])]
         for phase in PHASES:
             cells.append(f"{_pct(r[f'{phase}_mean'])} ± {_pct(r[f'{phase}_std'])}")
-            cells.append("–" if r["init"] == "naive" else f"{_ci(r, f'{phase}_d_naive', f'{phase}_ci_low', f'{phase}_ci_high')} p={r[f'{phase}_p']:.3g}")
+            cells.append("–" if r["init"] == "naive" else f"{ci_cell(r, f'{phase}_d_naive', f'{phase}_ci_low', f'{phase}_ci_high')} p={r[f'{phase}_p']:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
     if gaps:
         lines += ["", "Oracle gap: Θ0's recipe on ×m the source data minus naive (paired, 95% t CI), and the fraction of it "
@@ -135,8 +135,8 @@ def markdown(name: str, rows, comparisons, gaps, decomposition, curves, wall, ve
                   "(pairs resampled within pre-training seeds):", "",
                   "| oracle | phase | gap, points [95% CI] | p | fraction closed [95% CI] |", "|---|---|---|---|---|"]
         for g in gaps:
-            closed = "; ".join(f"{i} {_frac(c)}" for i, c in g["closed"].items()) or "–"
-            lines.append(f"| {g['oracle']} | {g['phase']} | {_ci(g, 'gap', 'gap_ci_low', 'gap_ci_high')} | {g['gap_p']:.3g} | {closed} |")
+            closed = "; ".join(f"{i} {fraction_cell(c)}" for i, c in g["closed"].items()) or "–"
+            lines.append(f"| {g['oracle']} | {g['phase']} | {ci_cell(g, 'gap', 'gap_ci_low', 'gap_ci_high')} | {g['gap_p']:.3g} | {closed} |")
     if comparisons:
         several = "p_pretrain" in comparisons[0]
         lines += ["", f"KNOW comparisons ({len(comparisons)} tests; Holm-adjusted p over all of them"
@@ -144,7 +144,7 @@ def markdown(name: str, rows, comparisons, gaps, decomposition, curves, wall, ve
                   "| KNOW init | vs | phase | Δ acc (points) [95% CI] | p | p Holm |" + (" p pre-train seeds |" if several else "") + " wins/n |",
                   "|---|---|---|---|---|---|" + ("---|" if several else "") + "---|"]
         for c in comparisons:
-            lines.append(f"| {c['init']} | {c['reference']} | {c['phase']} | {_ci(c)} | {c['p']:.3g} | {c['p_holm']:.3g} |"
+            lines.append(f"| {c['init']} | {c['reference']} | {c['phase']} | {ci_cell(c)} | {c['p']:.3g} | {c['p_holm']:.3g} |"
                          + (f" {c['p_pretrain']:.3g} |" if several else "") + f" {c['wins']}/{c['n']} |")
     if decomposition:
         lines += ["", "Update decomposition u = Θ̂ − Θ0 (pre-training seed 1st): λ = fitted shrink (1 = none), R² of "
@@ -165,12 +165,12 @@ def ceiling_verdicts(gaps: list[dict]) -> list[str]:
         label = "head-only" if g["phase"] == "head" else "full fine-tuning"
         clear = g["gap_ci_low"] > 0
         line = (f"ceiling ×{g['multiplier']:g} ({label}): really training on ×{g['multiplier']:g} the data gives "
-                f"{_ci(g, 'gap', 'gap_ci_low', 'gap_ci_high')} points (p={g['gap_p']:.3g}) — "
+                f"{ci_cell(g, 'gap', 'gap_ci_low', 'gap_ci_high')} points (p={g['gap_p']:.3g}) — "
                 + ("a gain a perfect KNOW could show." if clear else
                    f"not clearly above zero at n={g['n']}: no predictor could show a gain here."))
         ours = {i: c for i, c in g["closed"].items() if i.startswith("known-") and not i.startswith("known-official")}
         if ours:
-            line += " Our KNOWN closes " + "; ".join(f"{i}: {_frac(c)}" for i, c in ours.items()) + " of it."
+            line += " Our KNOWN closes " + "; ".join(f"{i}: {fraction_cell(c)}" for i, c in ours.items()) + " of it."
         out.append(line)
     return out
 

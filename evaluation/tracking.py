@@ -11,7 +11,7 @@ import logging
 import time
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from evaluation.summary import ROLE_TAG
 
@@ -64,7 +64,6 @@ def log_child(client: MlflowClient, experiment_id: str, parent_id: str, result: 
     params = {**{k: str(v) for k, v in desc.items()}, "init": init, "pretrain_seed": str(pseed), "seed": str(seed)}
     metrics = [Metric(k, float(result[k]), now, 0) for k in ("acc_head", "acc_full", "wall_s")]
     metrics += [Metric(k, float(v), now, i + 1) for k in CURVES for i, v in enumerate(result.get(k, []))]
-    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag("mlflow.runName", f"{init} p{pseed} s{seed}")])
+    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     client.set_terminated(rid, "FINISHED")
     return rid

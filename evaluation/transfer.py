@@ -97,8 +97,7 @@ def pretrain(src: Source, pseed: int, settings: data.DataSettings, multiplier: i
     subsets = nested_subsets(len(train), None, src.r, n_stages, pseed)
     plans = [StagePlan(src.pretrain_epochs, src.pretrain_lr, src.pretrain_cosine)]
     plans += [StagePlan(src.stage_epochs, src.stage_lr, src.stage_cosine)] * (n_stages - 1)
-    protocol = Protocol(src.stage_init == "restart", src.optimizer_state == "carry",
-                        torch.Generator().manual_seed(pseed + 3) if src.augment == "crop_flip" else None)
+    protocol = Protocol.of(src, pseed)
     walls: list[float] = []
     _, snaps = train_stages(model, train, test, subsets, plans, dataset=src.dataset, optimizer=src.optimizer,
                             batch_size=src.batch_size, gen=torch.Generator().manual_seed(pseed + 1),
@@ -425,8 +424,11 @@ def describe(cfg: TransferConfig, trajs: dict[int, Trajectory], models: dict, se
         for m, s in pwall.items():
             wall[f"predict_{m}_s"] = wall.get(f"predict_{m}_s", 0.0) + s
         decomposition = decomposition or dec
+        by_state = {id(traj.stages[0]): curves[p]["bn_reestimated"][0]}  # naive and its controls share Θ0
         for name, init in inits[p].items():
-            source_acc.setdefault(name, []).append(source_accuracy(traj, init.state, settings, True))
+            if id(init.state) not in by_state:
+                by_state[id(init.state)] = source_accuracy(traj, init.state, settings, True)
+            source_acc.setdefault(name, []).append(by_state[id(init.state)])
     return inits, {"source_acc": {k: sum(v) / len(v) for k, v in source_acc.items()}, "curves": curves,
                    "decomposition": decomposition, "wall": wall}
 
