@@ -3,9 +3,10 @@
 The paper's anchor is ResNet18 (11.2M parameters); KNOWN costs 8,832 multiply-adds per scalar, so one step
 is ~2e11 FLOPs. Both are timed in this process (best of 3 after a warm-up), the matmul on torch's default
 threads and the step as ``known.predict`` runs it (``--threads`` chunk threads, default the same count); the
-figure is the ratio (target <= 2.0). ``--params`` scales the problem down for a quick look; ``--unfused``
-also times the plain ``KNOWN.step`` in chunks (the layout before known/fast.py), ``--compile`` the torch.compile'd
-step (``known.fast.CompiledKNOWN``, timed after its compile); ``--device cuda`` runs both on the GPU.
+figure is the ratio (target <= 2.0). On the CPU the step runs the native kernel (known/native.py, built before
+timing); ``--torch-layout`` also times the torch layout it falls back to (known/fast.py), ``--unfused`` the plain
+``KNOWN.step`` in chunks (the layout before both). ``--params`` scales the problem down for a quick look;
+``--device cuda`` runs both on the GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from common import best_of, emit
 
 from known import registry
 from known.model import segment_rms
-from known.fast import FastKNOWN
+from known import native
+from known.fast import FastKNOWN, NativeKNOWN
 from known.predict import _step
 
 MACS_PER_SCALAR = 8832
@@ -40,7 +42,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="chunk threads (default: torch's intra-op threads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--unfused", action="store_true", help="also time KNOWN.step in chunks (the old layout)")
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
+    p.add_argument("--torch-layout", action="store_true", help="also time the torch layout (known/fast.py)")
     args = p.parse_args()
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -51,12 +53,15 @@ def main() -> None:
     n = round((flops / 2) ** (1 / 3))  # an n×n @ n×n matmul of the same FLOPs
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     t_mm = best_of(lambda: a @ b, sync=sync)
+    layout = NativeKNOWN if dev.type == "cpu" and native.library() is not None else FastKNOWN
     t_known = best_of(lambda: _step(window, "known", model, args.chunk, [args.params], args.threads), sync=sync)
     others = {}  # further layouts, each timed in this run
     if args.unfused:
         others["unfused"] = best_of(lambda: unfused(model, window, args.chunk or FastKNOWN.CHUNK), sync=sync)
-    if args.compile:
-        others["compiled"] = best_of(lambda: _step(window, "known", model, args.chunk, [args.params], args.threads, True), sync=sync)
+    if args.torch_layout:
+        fast, rms = FastKNOWN(model).to(dev), segment_rms(window[:, -1], [args.params])
+        threads = args.threads or (1 if dev.type == "cuda" else torch.get_num_threads())
+        others["torch_layout"] = best_of(lambda: fast.step(window, rms, args.chunk or FastKNOWN.CHUNK, threads), sync=sync)
     t_mm = min(t_mm, best_of(lambda: a @ b, sync=sync))  # the matmul again, after: the faster of the two
     extra = {}
     for name, t in others.items():
@@ -64,7 +69,8 @@ def main() -> None:
     emit("predict_speed", ratio=round(t_known / t_mm, 3), target="<= 2.0", known_step_s=round(t_known, 3),
          matmul_s=round(t_mm, 3), matmul_n=n, params=args.params, flops=flops,
          s_per_param=t_known / args.params, known_gflops=round(flops / t_known / 1e9, 1),
-         matmul_gflops=round(2 * n**3 / t_mm / 1e9, 1), chunk=args.chunk or FastKNOWN.CHUNK, inputs=model.inputs, device=str(dev),
+         matmul_gflops=round(2 * n**3 / t_mm / 1e9, 1), layout=layout.__name__, chunk=args.chunk or layout.CHUNK,
+         inputs=model.inputs, device=str(dev),
          threads=args.threads or (1 if dev.type == "cuda" else torch.get_num_threads()), **extra)
 
 

@@ -18,18 +18,18 @@ import torch
 from common import emit
 
 from known import registry
-from known.train import to_rows, train_step
+from known.train import Objective, optimizers, to_rows, train_step
 from meta import catalog, readers
 
 
 def _train(batches, seed: int) -> tuple[int, float]:
     models = registry.fresh(seed, "rms")  # known.train's default input mode
-    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
+    opts, objective = optimizers(models, 1e-3), Objective(models)
     rows, t0 = 0, None
     for i, batch in enumerate(batches):
         if i == 1:  # the first batch pays start-up (Ray Data's first read; cold caches): not throughput
             t0, rows = time.perf_counter(), 0
-        train_step(models, opts, batch)
+        train_step(objective, opts, batch)
         rows += len(batch["y"])
     return rows, time.perf_counter() - t0
 

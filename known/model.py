@@ -117,14 +117,13 @@ class KNOWN(nn.Module):
         x, centre, scale = self.prepare(w, rms)
         return centre + scale * self(x)
 
-    def loss(self, w: torch.Tensor, target: torch.Tensor, forward=None, rms: torch.Tensor | None = None
+    def loss(self, w: torch.Tensor, target: torch.Tensor, rms: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean L1 between the residual and the target's in the network's units, fraction of targets beyond ±1).
 
         Targets beyond tanh's reach are clipped to ±1 (the L1 gradient is unchanged, the loss stays readable)
-        and counted, so that a mode whose targets the network cannot reach shows it. ``forward`` is the
-        callable to train through (a DDP wrapper of this module), default this module.
+        and counted, so that a mode whose targets the network cannot reach shows it.
         """
         x, centre, scale = self.prepare(w, rms)
         t = (target - centre) / scale
-        return ((forward or self)(x) - t.clamp(-1, 1)).abs().mean(), (t.abs() > 1).float().mean()
+        return (self(x) - t.clamp(-1, 1)).abs().mean(), (t.abs() > 1).float().mean()

@@ -21,7 +21,8 @@ from torch import nn
 from collectors import data, zoo
 
 from known import KnownError, baselines, registry
-from known.fast import CompiledKNOWN, FastKNOWN
+from known.fast import FastKNOWN, NativeKNOWN
+from known.native import library
 from known.model import PREDICTED_KINDS, S, KNOWN, segment_rms
 
 METHODS = ("known", "known-official", *baselines.METHODS)
@@ -73,16 +74,16 @@ def _validate(stages: Sequence[Mapping[str, torch.Tensor]]) -> None:
 
 
 def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | None, sizes: list[int],
-          threads: int | None = None, compile: bool = False) -> torch.Tensor:
+          threads: int | None = None) -> torch.Tensor:
     """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it.
-    ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA); ``compile``: the
-    torch.compile'd step (``known.fast.CompiledKNOWN``); ``chunk`` None: each layout's default."""
+    ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA); ``chunk`` None: the
+    layout's default. On the CPU the native kernel runs it where it builds (known/native.py), else known/fast.py."""
     if method in baselines.METHODS:
         return baselines.predict(method, window)
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
-    layout = CompiledKNOWN if compile else FastKNOWN
+    layout = NativeKNOWN if not window.is_cuda and library() is not None else FastKNOWN
     return layout(model).to(window.device).step(window, rms, chunk or layout.CHUNK, threads)
 
 
@@ -94,14 +95,12 @@ def retrodict(
     models: Mapping[str, KNOWN] | None = None,
     kinds: Mapping[str, str] | None = None,
     chunk: int | None = None,
-    compile: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Predicted state dicts Θ-1 … Θ-steps from ``stages`` = [Θ0 (most data), …, Θ4 (least data)].
 
     ``models`` maps conv / linear / bias to a KNOWN; without it, method ``known`` uses the shipped KNOWN.
-    Tensors of other kinds (norm affine parameters, embeddings, buffers) are copied from Θ0. ``compile``:
-    run KNOWN torch.compile'd (faster per step on CPU, seconds to compile: worth it for large models).
-    ``chunk``: scalars per forward pass (default: 2,048 eager, 4,096 compiled).
+    Tensors of other kinds (norm affine parameters, embeddings, buffers) are copied from Θ0.
+    ``chunk``: scalars per forward pass (default: 16,384 with the native kernel, 2,048 with the torch layout).
     """
     if method not in METHODS:
         raise PredictError(f"unknown method {method!r}; known: {list(METHODS)}")
@@ -126,8 +125,7 @@ def retrodict(
     for _ in range(steps):
         new = {n: t.clone() for n, t in stages[0].items()}  # unpredicted kinds: Θ0's values
         for k, w in windows.items():
-            nxt = _step(w, method, models[k] if models else None, chunk, [stages[0][n].numel() for n in names[k]],
-                        compile=compile)
+            nxt = _step(w, method, models[k] if models else None, chunk, [stages[0][n].numel() for n in names[k]])
             offset = 0
             for n in names[k]:
                 numel = stages[0][n].numel()
@@ -202,8 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--known", metavar="URI", help="our KNOWN for --method known: models:/KNOWN@champion, "
                    "models:/KNOWN/<version> (MLFLOW_TRACKING_URI) or a folder of safetensors (default: the shipped one)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/step1.safetensors … (one per step)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile KNOWN: ~1.3x faster steps on CPU after a compile of seconds (large models)")
     args = p.parse_args(argv)
     try:
         stages = [load_state(f) for f in args.stages]
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.method == "known-official" and not source:
             raise PredictError("--method known-official needs --official DIR")
         models = registry.load_predictor(args.method, source)
-        preds = retrodict(stages, args.steps, args.method, models=models, compile=args.compile)
+        preds = retrodict(stages, args.steps, args.method, models=models)
     except (KnownError, FileNotFoundError, ValueError) as e:  # KnownError: one line, e.g. a bad models:/ URI
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from known import baselines, registry, tracking
+from known import baselines, native, registry, tracking
 from known.model import INPUT_MODES, PREDICTED_KINDS, S
 from known.windows import KIND_IDS, is_validation, sweep_windows
 from meta import catalog, readers, storage
@@ -109,7 +110,7 @@ def validation_metrics(models: dict, batches) -> dict[str, float]:
         for k, model in models.items():
             mask = kind == KIND_IDS[k]
             if mask.any():
-                errors.add(k, x[mask], y[mask], _unwrap(model).step(x[mask], rms[mask]))
+                errors.add(k, x[mask], y[mask], model.step(x[mask], rms[mask]))
     return errors.metrics()
 
 
@@ -123,7 +124,7 @@ def best_checkpoint(results: list[tuple]) -> tuple:
 
 
 def _checkpoint_dir(models, opts, epoch: int, step: int, d: str) -> str:
-    registry.save_dir({k: _unwrap(m) for k, m in models.items()}, d)
+    registry.save_dir(models, d)
     torch.save({k: o.state_dict() for k, o in opts.items()}, Path(d) / "optimizers.pt")
     (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step}))
     return d
@@ -142,26 +143,67 @@ def restore(models: dict, opts: dict, d: str, device="cpu") -> tuple[int, int]:
     return progress["epoch"], progress["step"]
 
 
-def _unwrap(m):
-    return m.module if hasattr(m, "module") else m
+def optimizers(models: dict, lr: float) -> dict:
+    """One Adam per kind, its update as one fused (foreach) op per step: the per-tensor loop took 2 of a step's 12 ms
+    with the native kernel (bench/train_throughput.py)."""
+    return {k: torch.optim.Adam(m.parameters(), lr=lr, fused=True) for k, m in models.items()}
 
 
-def train_step(models: dict, opts: dict, batch: dict) -> dict[str, tuple[float, float, int]]:
-    """One optimisation step of every kind's KNOWN on its rows of ``batch``; kind -> (Σ loss, Σ beyond ±1, rows)."""
+class Objective(nn.Module):
+    """Every kind's training loss on one batch, as one module: DDP wraps it once, so a step costs one gradient
+    allreduce instead of one per kind (three DDP wrappers made a two-worker step 1.6x slower than none,
+    bench/train_throughput.py). ``models`` stay the modules that are trained, checkpointed and validated.
+
+    On the CPU the native kernel (known/native.py) takes the whole batch in one call, rows grouped by kind, on
+    ``threads`` threads; elsewhere each kind's ``KNOWN.loss`` runs in torch."""
+
+    def __init__(self, models: dict, threads: int = 1):
+        super().__init__()
+        self.models = nn.ModuleDict(models)
+        self.threads = threads
+        modes = {m.inputs for m in models.values()}
+        if len(modes) != 1:
+            raise ValueError(f"the kinds' KNOWNs read different input modes {sorted(modes)}: train one mode at a time")
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, rms: torch.Tensor, kind: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(Σ of the kinds' mean L1 losses, kind -> (loss, fraction beyond ±1, rows)) for the kinds in the batch."""
+        first = next(iter(self.models.values()))
+        if native.runs(x, first.n_stages):
+            return self._native(x, y, rms, kind)
+        total, out = x.new_zeros(()), {}
+        for k, model in self.models.items():
+            mask = kind == KIND_IDS[k]
+            n = int(mask.sum())
+            if n:
+                loss, outside = model.loss(x[mask], y[mask], rms=rms[mask])
+                out[k] = (loss.detach(), outside, n)
+            else:  # every rank must give every parameter a gradient (DDP's allreduce), even on a batch
+                loss = model(x[:1]).sum() * 0.0  # without this kind: a zero-weighted pass
+            total = total + loss
+        return total, out
+
+    def _native(self, x, y, rms, kind) -> tuple[torch.Tensor, dict]:
+        rows = [torch.nonzero(kind == KIND_IDS[k]).flatten() for k in self.models]
+        order, counts = torch.cat(rows), [len(r) for r in rows]  # rows grouped by kind, in the models' order
+        inputs, centre, scale = next(iter(self.models.values())).prepare(x[order], rms[order])
+        t = (y[order] - centre) / scale
+        losses = native.l1(list(self.models.values()), inputs, t.clamp(-1, 1), counts, self.threads)
+        beyond = (t.abs() > 1).float().split(counts)
+        out = {k: (losses[i].detach(), beyond[i].mean(), n) for i, (k, n) in enumerate(zip(self.models, counts)) if n}
+        return losses.sum(), out
+
+
+def train_step(objective: nn.Module, opts: dict, batch: dict) -> dict[str, tuple[float, float, int]]:
+    """One optimisation step of every kind's KNOWN on its rows of ``batch`` (``objective``: an ``Objective``, or
+    its DDP wrapper); kind -> (Σ loss, Σ beyond ±1, rows)."""
     x, y, rms, kind = batch["x"].float(), batch["y"].float(), batch["rms"].float(), batch["kind"]
-    out = {}
-    for k, model in models.items():
-        mask = kind == KIND_IDS[k]
-        opts[k].zero_grad(set_to_none=True)
-        n = int(mask.sum())
-        if n:
-            loss, outside = _unwrap(model).loss(x[mask], y[mask], forward=model, rms=rms[mask])
-            out[k] = (loss.item() * n, outside.item() * n, n)
-        else:  # every rank must run every model's forward and backward (DDP's allreduce), even
-            loss = model(x[:1]).sum() * 0.0  # on a batch without this kind: a zero-weighted pass
-        loss.backward()
-        opts[k].step()
-    return out
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
+    total, out = objective(x, y, rms, kind)
+    total.backward()  # each kind's loss reaches only its own KNOWN's parameters
+    for opt in opts.values():
+        opt.step()
+    return {k: (loss.item() * n, outside.item() * n, n) for k, (loss, outside, n) in out.items()}
 
 
 def train_loop(cfg: dict) -> None:
@@ -176,17 +218,18 @@ def train_loop(cfg: dict) -> None:
     ctx = ray.train.get_context()
     device = get_device()  # batches arrive on it (CUDA when the worker has a GPU)
     models = {k: m.to(device) for k, m in registry.fresh(cfg["seed"], cfg["inputs"]).items()}
-    opts = {k: torch.optim.Adam(m.parameters(), lr=cfg["lr"]) for k, m in models.items()}
+    opts = optimizers(models, cfg["lr"])
     epoch0, step = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume: weights, optimiser state and progress of the last checkpoint
         with ckpt.as_directory() as d:
             epoch0, step = restore(models, opts, d, device)
     resumed_from = step  # reported with every metric, so a resumed run is visible as one
+    objective = Objective(models, threads=cfg.get("threads", 1))
     if ctx.get_world_size() > 1:
         from ray.train.torch import prepare_model
 
-        models = {k: prepare_model(m) for k, m in models.items()}
+        objective = prepare_model(objective)
     mlflow = MlflowClient(cfg["tracking_uri"]) if ctx.get_world_rank() == 0 and cfg.get("run_id") else None
 
     def report(metrics: dict, epoch: int) -> None:
@@ -209,7 +252,7 @@ def train_loop(cfg: dict) -> None:
         mixing = []  # distinct sweeps in each training batch
         for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                                     local_shuffle_seed=cfg["seed"] + epoch):
-            for k, got in train_step(models, opts, batch).items():
+            for k, got in train_step(objective, opts, batch).items():
                 sums[k] = [a + b for a, b in zip(sums[k], got)]
             mixing.append(len(torch.unique(batch["sweep"])))
             step += 1
@@ -392,6 +435,7 @@ def _fit_and_register(args, uri: str, run_id: str, train_ids: set[str], val_ids:
             to_rows, batch_size=args.sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
 
     cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "inputs": args.inputs,
+           "threads": max(1, int(args.cpus_per_worker)),  # the native kernel's threads: the CPUs the worker reserved
            "shuffle_buffer": args.shuffle_buffer, "checkpoint_every": args.checkpoint_every,
            "tracking_uri": uri, "run_id": run_id}
     val = dataset(val_ids)  # validation counts every scalar once

@@ -144,6 +144,7 @@ def test_dockerfile_matches_the_pinned_stack_and_the_repo():
     pins = (REPO / "pyproject.toml").read_text()
     assert '"torch==2.14.1"' in pins and '"torchvision==0.29.1"' in pins
     assert "pip install --no-cache-dir -e ." in text  # the image installs the pinned pyproject
+    assert "install -y --no-install-recommends g++" in text  # builds KNOWN's native kernel on each node
 
 
 def _pg_available() -> bool:

@@ -1,9 +1,11 @@
+import shutil
+
 import pytest
 import torch
 
 from collectors import zoo
 from known import KnownError, baselines
-from known.model import KNOWN
+from known.model import KNOWN, segment_rms
 from known.predict import PredictError, infer_kinds, retrodict
 
 
@@ -110,14 +112,19 @@ def test_retrodiction_gives_loadable_state_dicts_for_every_family(family):
     assert torch.allclose(preds[1][conv].flatten(), baselines.predict("linearfit", w), atol=1e-5)
 
 
-def test_known_method_runs_batched_in_chunks_and_matches_unchunked():
+def test_known_method_runs_batched_in_chunks_and_matches_unchunked(monkeypatch):
+    from known import native
+
     model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 32}, 1, 10)
     stages = _stages(model)
     torch.manual_seed(0)
     models = {k: KNOWN() for k in ("conv", "linear", "bias")}
     a = retrodict(stages, steps=2, models=models, chunk=7)
     b = retrodict(stages, steps=2, models=models, chunk=1 << 20)
-    c = retrodict(stages, steps=2, models=models, chunk=1024, compile=True)  # the graph of the test below
+    monkeypatch.setenv(native.ENV_SWITCH, "0")  # the torch layout (known/fast.py) computes the same
+    native.library.cache_clear()
+    c = retrodict(stages, steps=2, models=models, chunk=1024)
+    native.library.cache_clear()
     for n in a[1]:
         assert torch.allclose(a[1][n], b[1][n], atol=1e-6), n
         assert torch.allclose(c[1][n], b[1][n], atol=1e-5), n
@@ -341,12 +348,7 @@ def test_bn_is_reestimated_from_a_users_own_batches():
 def test_fast_layout_computes_known_step_in_any_chunking_and_threads(inputs):
     from known.fast import FastKNOWN
 
-    torch.manual_seed(0)
-    model = KNOWN(inputs=inputs)
-    for p in model.parameters():  # trained-like weights, not the near-zero initialisation
-        p.data.normal_(0, 0.5)
-    w = torch.randn(3001, 5).cumsum(1) * 0.01
-    rms = torch.rand(3001) * 0.05 + 0.01
+    model, w, rms = _trained_like(inputs)
     with torch.no_grad():
         want = model.step(w, rms)
     assert (want - w[:, -1]).abs().mean() > 1e-4  # a real residual, so a broken layout shows
@@ -356,36 +358,85 @@ def test_fast_layout_computes_known_step_in_any_chunking_and_threads(inputs):
     assert torch.get_num_threads() == intra  # the one-thread-per-chunk setting is undone
 
 
-def test_compiled_step_matches_known_step_and_falls_back_only_when_compiling_fails(monkeypatch, caplog):
-    from known import fast
-
+def _trained_like(inputs: str) -> tuple[KNOWN, torch.Tensor, torch.Tensor]:
+    """A KNOWN with trained-like weights (not the near-zero initialisation), windows and their tensor RMS."""
     torch.manual_seed(0)
-    model = KNOWN(inputs="rms")
+    model = KNOWN(inputs=inputs)
     for p in model.parameters():
         p.data.normal_(0, 0.5)
-    w = torch.randn(3001, 5).cumsum(1) * 0.01
-    rms = torch.rand(3001) * 0.05 + 0.01
+    return model, torch.randn(3001, 5).cumsum(1) * 0.01, torch.rand(3001) * 0.05 + 0.01
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("inputs", ["raw", "scaled", "rms"])
+def test_native_kernel_computes_known_step_in_any_chunking_and_threads(inputs, monkeypatch, tmp_path):
+    from known import native
+    from known.fast import NativeKNOWN
+
+    monkeypatch.setenv("OBLIVION_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    model, w, rms = _trained_like(inputs)
     with torch.no_grad():
         want = model.step(w, rms)
-    assert (want - w[:, -1]).abs().mean() > 1e-4
-    monkeypatch.setattr(fast, "_compile_failed", False)
-    with caplog.at_level("WARNING", logger="known.fast"):
-        got = fast.CompiledKNOWN(model).step(w, rms, 1024)  # 3 full chunks and a padded one
-    assert "running it eagerly" not in caplog.text  # the compiled graph computed it, not the fallback
+    assert (want - w[:, -1]).abs().mean() > 1e-4  # a real residual, so a broken kernel shows
+    layout = NativeKNOWN(model)
+    for chunk, threads in ((4096, 1), (1000, 2), (333, 3), (5, 1)):  # 5: every block is a partial one
+        assert torch.allclose(layout.step(w, rms, chunk, threads), want, atol=1e-5, rtol=1e-4), (chunk, threads)
+    built = list((tmp_path / "native").glob("known-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "native").glob("*.tmp"))
+    native.library.cache_clear()
+    mtime = built[0].stat().st_mtime_ns
+    assert native.library() is not None and built[0].stat().st_mtime_ns == mtime  # the cached build is reused
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        layout.to("meta")
+    with pytest.raises(ValueError, match="reads 8545 parameters, this KNOWN packs 8544"):
+        native.check_size(layout.params[:-1], unfolded=False)
+    native.library.cache_clear()
+
+
+def test_without_a_compiler_the_torch_layout_runs_and_says_so(monkeypatch, tmp_path, caplog):
+    from known import native
+    from known.predict import _step
+
+    monkeypatch.setenv("OBLIVION_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    native.library.cache_clear()
+    model, w, rms = _trained_like("rms")
+    with caplog.at_level("WARNING", logger="known.native"):
+        got = _step(w, "known", model, None, [len(w)])
+    native.library.cache_clear()
+    assert "native kernel is not available" in caplog.text and "no-such-compiler" in caplog.text
+    with torch.no_grad():  # against float64: these inputs are large enough for float32 orderings to differ by 3e-5
+        want = model.double().step(w.double(), segment_rms(w[:, -1].double(), [len(w)])).float()
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="needs each window's tensor RMS"):  # errors after compiling are raised
-        fast.CompiledKNOWN(model).step(w, None, 1024)
 
-    calls = []
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("rows", [1000, 9001])  # one thread and partial blocks; two threads (>= 4k rows each)
+def test_native_training_step_gives_torch_autograd_loss_and_gradients(rows, monkeypatch):
+    from known import native
 
-    def broken(*args):
-        calls.append(1)
-        raise RuntimeError("InductorError: no C++ compiler\nlong trace")
+    torch.manual_seed(1)
+    model = KNOWN(inputs="rms")
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    w = torch.randn(rows, 5).cumsum(1) * 0.02
+    rms, y = torch.full((rows,), 0.04), torch.randn(rows) * 0.02  # some targets beyond ±1: clipped
+    w[:50] *= 25  # rows whose residual saturates the tanh: torch passes no gradient through them
 
-    monkeypatch.setattr(fast, "_compiled_residual", broken)
-    with caplog.at_level("WARNING", logger="known.fast"):
-        again = fast.CompiledKNOWN(model).step(w, rms, 1024)
-        fast.CompiledKNOWN(model).step(w, rms, 1024)
-    assert torch.allclose(again, want, atol=1e-5, rtol=1e-4)
-    assert "running it eagerly" in caplog.text and "no C++ compiler" in caplog.text and "long trace" not in caplog.text
-    assert len(calls) == 1  # a failed compile is not retried for every step
+    def loss_and_grads():
+        model.zero_grad()
+        loss, outside = model.loss(w, y, rms=rms)
+        loss.backward()
+        return loss.item(), outside.item(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    native.library.cache_clear()
+    assert native.runs(w, 5)
+    loss, outside, grads = loss_and_grads()
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native.library.cache_clear()
+    assert not native.runs(w, 5)
+    want_loss, want_outside, want = loss_and_grads()  # torch's autograd
+    native.library.cache_clear()
+    assert 0 < outside == want_outside < 1
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert ((grads - want).norm() / want.norm()).item() < 1e-4
