@@ -53,7 +53,7 @@ def main() -> None:
     n = round((flops / 2) ** (1 / 3))  # an n×n @ n×n matmul of the same FLOPs
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     t_mm = best_of(lambda: a @ b, sync=sync)
-    layout = NativeKNOWN if dev.type == "cpu" and native.library() is not None else FastKNOWN
+    layout = NativeKNOWN if native.runs(window, model) else FastKNOWN
     t_known = best_of(lambda: _step(window, "known", model, args.chunk, [args.params], args.threads), sync=sync)
     others = {}  # further layouts, each timed in this run
     if args.unfused:

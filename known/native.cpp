@@ -33,8 +33,9 @@ constexpr float EXP_FLOOR = -60.0f, EXP_CEIL = 60.0f, LEAKY_SLOPE = 0.3f;
 inline V splat(float a) {  // not V{} + a: without -ffast-math GCC adds 0 + a as a scalar before every broadcast
     return a - V{};           // a − (+0) is a for every float, so this one folds into a plain broadcast
 }
-inline V vmax(V a, V b) { return a > b ? a : b; }
-inline V vmin(V a, V b) { return a < b ? a : b; }
+// NaN in a stays NaN (as in torch's clamp and relu): a diverged KNOWN must not give finite predictions
+inline V vmax(V a, V b) { return a < b ? b : a; }
+inline V vmin(V a, V b) { return a > b ? b : a; }
 
 // e^x for x in [EXP_FLOOR, EXP_CEIL] (the clamp KNOWN applies): Cody-Waite reduction and Cephes' expf
 // polynomial, about 1 ulp; 2^n by adding n to the exponent bits (|n| <= 87, never denormal).
@@ -52,7 +53,8 @@ inline V vexp(V x) {
     p = p * r + splat(1.6666665459e-1f);
     p = p * r + splat(5.0000001201e-1f);
     V y = p * r * r + r + splat(1.0f);
-    return (V)((VI)y + (ni << 23));
+    y = (V)((VI)y + (ni << 23));
+    return x != x ? x : y;  // NaN: its bits would scale into a number
 }
 
 // tanh: Cephes' tanhf — an odd polynomial below |x| = 0.625, 1 - 2 / (e^2|x| + 1) above, |x| capped at 10,
@@ -69,7 +71,7 @@ inline V vtanh(V x) {
     V small = p * z * x + x;
     V big = splat(1.0f) - splat(2.0f) / (vexp(a + a) + splat(1.0f));
     big = x < splat(0.0f) ? -big : big;
-    return a < splat(0.625f) ? small : big;
+    return a < splat(0.625f) || x != x ? small : big;  // small is NaN for NaN
 }
 
 inline V dot_s(const float* w, const V* x) {  // w [S] · x [S]

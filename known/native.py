@@ -99,15 +99,17 @@ def check_size(params: torch.Tensor, unfolded: bool) -> torch.Tensor:
     return params
 
 
-def runs(x: torch.Tensor, n_stages: int) -> bool:
-    """Whether the kernel can take these network inputs: float32 on the CPU, 5 stages, and it built here."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and n_stages == S and library() is not None
+def runs(x: torch.Tensor, model) -> bool:
+    """Whether the kernel can take ``model`` (a KNOWN) on these network inputs: both float32 on the CPU, 5 stages,
+    and the kernel built here."""
+    return (model.n_stages == S and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, *model.parameters()))
+            and library() is not None)
 
 
 def forward(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """KNOWN's output for network inputs ``x`` [n, S], parameters packed by ``known.fast.NativeKNOWN``; [n]."""
     x = x.contiguous()
-    out = torch.empty(len(x))
+    out = torch.empty(len(x), dtype=torch.float32)
     library().known_forward(params.data_ptr(), x.data_ptr(), out.data_ptr(), len(x))  # ctypes releases the GIL
     return out
 
@@ -119,7 +121,7 @@ def _l1_grads(flats: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor, count
     with its own gradients and its model runs in its share."""
     edges = [len(x) * j // threads for j in range(threads + 1)]
     starts = [sum(counts[:k]) for k in range(len(counts) + 1)]
-    grads = [torch.zeros(threads, len(f)) for f in flats]
+    grads = [torch.zeros(threads, len(f), dtype=torch.float32) for f in flats]
     losses = torch.zeros(threads, len(flats), dtype=torch.float64)
 
     def part(j: int) -> None:
@@ -169,6 +171,6 @@ class _L1(torch.autograd.Function):
 def l1(models: list, x: torch.Tensor, t: torch.Tensor, counts: list[int], threads: int = 1) -> torch.Tensor:
     """[len(models)]: model k's mean |KNOWN_k(x) − t| over its rows — the rows of ``x`` [n, S] (network inputs)
     and ``t`` [n] come grouped by model, ``counts[k]`` rows each; differentiable in every model's parameters,
-    forward and backward in one pass of the kernel on ``threads`` threads (check ``runs`` first)."""
+    forward and backward in one pass of the kernel on ``threads`` threads (check ``runs`` for each model first)."""
     params = [p for m in models for p in m.parameters()]
     return _L1.apply(x, t.float(), list(counts), threads, *params)

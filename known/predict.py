@@ -20,9 +20,8 @@ from torch import nn
 
 from collectors import data, zoo
 
-from known import KnownError, baselines, registry
+from known import KnownError, baselines, native, registry
 from known.fast import FastKNOWN, NativeKNOWN
-from known.native import library
 from known.model import PREDICTED_KINDS, S, KNOWN, segment_rms
 
 METHODS = ("known", "known-official", *baselines.METHODS)
@@ -83,7 +82,7 @@ def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | N
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
-    layout = NativeKNOWN if not window.is_cuda and library() is not None else FastKNOWN
+    layout = NativeKNOWN if native.runs(window, model) else FastKNOWN
     return layout(model).to(window.device).step(window, rms, chunk or layout.CHUNK, threads)
 
 

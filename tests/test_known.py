@@ -411,32 +411,55 @@ def test_without_a_compiler_the_torch_layout_runs_and_says_so(monkeypatch, tmp_p
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
-@pytest.mark.parametrize("rows", [1000, 9001])  # one thread and partial blocks; two threads (>= 4k rows each)
-def test_native_training_step_gives_torch_autograd_loss_and_gradients(rows, monkeypatch):
+@pytest.mark.parametrize("rows, threads", [(1000, 1), (9001, 3)])  # partial blocks; a kind across thread boundaries
+def test_native_training_step_gives_torch_autograd_losses_and_gradients(rows, threads, monkeypatch):
     from known import native
+    from known.train import KIND_IDS, Objective
 
     torch.manual_seed(1)
-    model = KNOWN(inputs="rms")
-    for p in model.parameters():
+    models = {k: KNOWN(inputs="rms") for k in ("bias", "conv", "linear")}  # not KIND_IDS' order
+    for p in (p for m in models.values() for p in m.parameters()):
         p.data.normal_(0, 0.3)
     w = torch.randn(rows, 5).cumsum(1) * 0.02
     rms, y = torch.full((rows,), 0.04), torch.randn(rows) * 0.02  # some targets beyond ±1: clipped
     w[:50] *= 25  # rows whose residual saturates the tanh: torch passes no gradient through them
+    kind = torch.tensor([KIND_IDS["conv"], KIND_IDS["linear"]], dtype=torch.int8)[torch.randint(0, 2, (rows,))]
+    objective = Objective(models, threads=threads)  # no bias rows: its KNOWN still gets a (zero) gradient
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss, outside = model.loss(w, y, rms=rms)
-        loss.backward()
-        return loss.item(), outside.item(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    def run():
+        for m in models.values():
+            m.zero_grad()
+        total, out = objective(w, y, rms, kind)
+        total.backward()
+        return total.item(), out, torch.cat([p.grad.reshape(-1) for m in models.values() for p in m.parameters()])
 
+    calls, kernel = [], native.l1
+    monkeypatch.setattr(native, "l1", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     native.library.cache_clear()
-    assert native.runs(w, 5)
-    loss, outside, grads = loss_and_grads()
+    total, out, grads = run()
+    assert calls  # the kernel computed it
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     native.library.cache_clear()
-    assert not native.runs(w, 5)
-    want_loss, want_outside, want = loss_and_grads()  # torch's autograd
+    want_total, want_out, want = run()  # torch's autograd, kind by kind
     native.library.cache_clear()
-    assert 0 < outside == want_outside < 1
-    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert len(calls) == 1 and set(out) == set(want_out) == {"conv", "linear"}
+    assert total == pytest.approx(want_total, rel=1e-5)
+    for k in out:
+        assert out[k][2] == want_out[k][2] and out[k][1].item() == want_out[k][1].item() > 0
+        assert out[k][0].item() == pytest.approx(want_out[k][0].item(), rel=1e-5)
     assert ((grads - want).norm() / want.norm()).item() < 1e-4
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_native_kernel_passes_nan_and_inf_on_as_torch_does():
+    from known import native
+    from known.fast import NativeKNOWN
+
+    model, w, rms = _trained_like("rms")
+    w[0, 2], w[1, 3] = float("nan"), float("inf")  # a diverged KNOWN or input must not look like a prediction
+    with torch.no_grad():
+        want = model.step(w[:4], rms[:4])
+    got = NativeKNOWN(model).step(w[:4], rms[:4], 16, 1)
+    assert native.runs(w, model)
+    assert torch.equal(got.isnan(), want.isnan()) and got[:2].isnan().all()
+    assert torch.allclose(got[2:], want[2:], atol=1e-5)
