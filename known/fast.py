@@ -49,7 +49,8 @@ def _epilogue(rate: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, base: tor
 class FastKNOWN:
     """An inference-only copy of a KNOWN's weights in the layout above; ``step`` is ``KNOWN.step`` over many rows."""
 
-    CHUNK = 2048  # its default chunk: keeps the [192, chunk] activations in L2 (bench/predict_speed.py)
+    CHUNK = 2048  # its default chunk on the CPU: keeps the [192, chunk] activations in L2 (bench/predict_speed.py)
+    CUDA_CHUNK = 1 << 22  # on CUDA: few large launches (2,048-row chunks took 1.8 s for 11.2M rows on an H100, 4M 0.055 s)
 
     def __init__(self, model: KNOWN):
         v, d = model.values, model.diffs

@@ -76,14 +76,29 @@ def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | N
           threads: int | None = None) -> torch.Tensor:
     """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it.
     ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA); ``chunk`` None: the
-    layout's default. On the CPU the native kernel runs it where it builds (known/native.py), else known/fast.py."""
+    layout's default (``_layout`` picks it)."""
     if method in baselines.METHODS:
         return baselines.predict(method, window)
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
-    layout = NativeKNOWN if native.runs(window, model) else FastKNOWN
-    return layout(model).to(window.device).step(window, rms, chunk or layout.CHUNK, threads)
+    layout = _layout(window, model)
+    default = getattr(layout, "CUDA_CHUNK", layout.CHUNK) if window.is_cuda else layout.CHUNK
+    return layout(model).to(window.device).step(window, rms, chunk or default, threads)
+
+
+def _layout(window: torch.Tensor, model: KNOWN):
+    """The fastest KNOW step layout for these windows: the native kernel on the CPU, the Triton kernel on CUDA
+    (float32, 5 stages, Triton installed), else the torch layout (known/fast.py)."""
+    if native.runs(window, model):
+        return NativeKNOWN
+    if window.is_cuda and window.dtype == torch.float32 and model.n_stages == S:
+        try:
+            from known.gpu import TritonKNOWN
+        except ImportError:  # a CUDA torch without Triton
+            return FastKNOWN
+        return TritonKNOWN
+    return FastKNOWN
 
 
 def retrodict(

@@ -1,4 +1,10 @@
+import importlib.util
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -463,3 +469,42 @@ def test_native_kernel_passes_nan_and_inf_on_as_torch_does():
     assert native.runs(w, model)
     assert torch.equal(got.isnan(), want.isnan()) and got[:2].isnan().all()
     assert torch.allclose(got[2:], want[2:], atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_triton_kernel_computes_known_step_in_triton_interpreter(tmp_path):
+    """The CUDA kernel's arithmetic, run by Triton's CPU interpreter (this machine has no GPU): the same values as
+    KNOWN.step in float64, a partial last block, NaN passed on."""
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from known.gpu import TritonKNOWN
+        from known.model import KNOWN
+        torch.manual_seed(0)
+        m = KNOWN(inputs="rms")
+        for p in m.parameters():
+            p.data.normal_(0, 0.5)
+        w, rms = torch.randn(301, 5).cumsum(1) * 0.01, torch.rand(301) * 0.05 + 0.01
+        w[7, 2] = float("nan")
+        with torch.no_grad():
+            want = m.double().step(w.double(), rms.double()).float()
+        got = TritonKNOWN(m.float()).step(w, rms, 128)
+        assert (want - w[:, -1]).abs().nanmean() > 1e-3
+        assert torch.equal(got.isnan(), want.isnan()) and got[7].isnan()
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4, equal_nan=True), (got - want).abs().nan_to_num().max()
+        print("ok")
+    """))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_the_step_layout_is_the_kernel_for_float32_on_the_cpu_and_torch_otherwise():
+    from known.fast import FastKNOWN, NativeKNOWN
+    from known.predict import _layout
+
+    model, w, _ = _trained_like("rms")
+    assert _layout(w, model) is NativeKNOWN
+    assert _layout(w.double(), model.double()) is FastKNOWN  # the kernel reads float32 only
+    assert _layout(w[:, :4], KNOWN(n_stages=4)) is FastKNOWN  # and five stages
