@@ -1,4 +1,7 @@
-"""Shared bits of the benchmarks: a fixed small-CNN spec, the data settings, JSON output."""
+"""Shared bits of the benchmarks: a fixed small-CNN spec, the data settings, timing, JSON output.
+
+The project's collectors are imported inside the functions that need them, so that a benchmark that needs only
+torch (bench/gpu_predict.py, on a bare GPU image) can use the timing and the output too."""
 
 from __future__ import annotations
 
@@ -13,19 +16,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from collectors.config import SweepSpec  # noqa: E402
-from collectors.data import DataSettings, resolve_root  # noqa: E402
-
 SMALL_CNN = {"depth": 3, "width": 16, "hidden": 64}
+KNOWN_MACS = 8832  # KNOWN's multiply-adds per scalar, forward: the FLOP count the speed benchmarks are bound by
 
 
-def cnn_spec(dataset: str, **over) -> SweepSpec:
+def cnn_spec(dataset: str, **over):
+    from collectors.config import SweepSpec
+
     base = dict(family="cnn", arch=SMALL_CNN, dataset=dataset, r=0.5, lr=1e-3, batch_size=64, optimizer="adam",
                 pretrain_epochs=2, n_stages=7, stage_epochs=1, train_size=4000, test_size=None, seed=0)
     return SweepSpec(**{**base, **over})
 
 
-def settings(unverified_cifar10: bool = False) -> DataSettings:
+def settings(unverified_cifar10: bool = False):
+    from collectors.data import DataSettings, resolve_root
+
     return DataSettings(resolve_root(None), unverified_cifar10=unverified_cifar10 or "--unverified-cifar10" in sys.argv)
 
 

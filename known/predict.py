@@ -83,8 +83,7 @@ def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | N
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
     layout = _layout(window, model)
-    default = getattr(layout, "CUDA_CHUNK", layout.CHUNK) if window.is_cuda else layout.CHUNK
-    return layout(model).to(window.device).step(window, rms, chunk or default, threads)
+    return layout(model).to(window.device).step(window, rms, chunk or _chunk(layout, window), threads)
 
 
 def _layout(window: torch.Tensor, model: KNOWN):
@@ -101,6 +100,11 @@ def _layout(window: torch.Tensor, model: KNOWN):
     return FastKNOWN
 
 
+def _chunk(layout, window: torch.Tensor) -> int:
+    """``layout``'s default chunk for these windows: its CUDA chunk where it has one and they are on the GPU."""
+    return getattr(layout, "CUDA_CHUNK", layout.CHUNK) if window.is_cuda else layout.CHUNK
+
+
 def retrodict(
     stages: Sequence[Mapping[str, torch.Tensor]],
     steps: int = 3,
@@ -114,7 +118,8 @@ def retrodict(
 
     ``models`` maps conv / linear / bias to a KNOWN; without it, method ``known`` uses the shipped KNOWN.
     Tensors of other kinds (norm affine parameters, embeddings, buffers) are copied from Θ0.
-    ``chunk``: scalars per forward pass (default: 16,384 with the native kernel, 2,048 with the torch layout).
+    ``chunk``: scalars per forward pass (default: 16,384 with the native kernel, 2,048 with the torch layout on the
+    CPU; 4M on CUDA).
     """
     if method not in METHODS:
         raise PredictError(f"unknown method {method!r}; known: {list(METHODS)}")

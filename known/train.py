@@ -145,8 +145,8 @@ def restore(models: dict, opts: dict, d: str, device="cpu") -> tuple[int, int]:
 
 
 def optimizers(models: dict, lr: float) -> dict:
-    """One Adam per kind, its update as one fused (foreach) op per step: the per-tensor loop took 2 of a step's 12 ms
-    with the native kernel (bench/train_throughput.py)."""
+    """One Adam per kind, its update one fused op per step: the per-tensor loop took 2 of a step's 12 ms with the
+    native kernel (torch's profiler on an in-memory train_step; fused: 0.6 ms)."""
     return {k: torch.optim.Adam(m.parameters(), lr=lr, fused=True) for k, m in models.items()}
 
 
