@@ -3,11 +3,11 @@ plain matmul measured in the same run.
 
 KNOWN costs 8,832 multiply-adds per row forward; forward + backward ≈ 3× forward = 52,992 FLOPs per row. The
 rows come as ``known.train`` streams them (Ray Data reads the shards, ``to_rows`` over ``--sweeps-per-block``
-sweeps with biases repeated, local shuffle buffer) into Ray Train workers running ``known.train.train_step``
+sweeps with biases repeated, ``epoch_batches``' shuffle buffer) into Ray Train workers running ``known.train.train_step``
 (``Objective``: the native kernel on the CPU, DDP between workers). ``--configs`` are workers × kernel threads
 each: one worker on one core, two (DDP) on one each, one on two (all reserve 0.5 CPU, so Ray Data keeps a share).
 Rows/s is the rank-0 worker's times the worker count (the shards are split evenly and DDP keeps the ranks in
-step); the first batch (start-up) is not timed; ``in_step`` is the fraction of that time spent in ``train_step``
+step), over ``--epochs`` passes; the first batch (start-up) is not timed; ``in_step`` is the fraction of that time spent in ``train_step``
 (the rest: waiting for batches). Target: >= 0.35 of the bound, for the best configuration. ``--in-memory``
 also times the step on batches already in memory (not a target configuration: the step's own ceiling).
 """
@@ -25,7 +25,7 @@ import torch
 from common import KNOWN_MACS, best_of, emit
 
 from known import registry
-from known.train import Objective, optimizers, to_rows, train_step
+from known.train import SHUFFLE_ROWS, Objective, epoch_batches, optimizer, to_rows, train_step
 from meta import catalog, readers
 
 FLOPS_PER_ROW = 6 * KNOWN_MACS
@@ -37,22 +37,27 @@ def _worker(cfg: dict) -> None:
     from ray.train.torch import prepare_model
 
     models = registry.fresh(0, "rms")
-    opts = optimizers(models, 1e-3)
     objective = Objective(models, threads=cfg["threads"])
+    opt = optimizer(objective, 1e-3)
     if ray.train.get_context().get_world_size() > 1:
         objective = prepare_model(objective)
-    rows, mixing, t0, in_step = 0, [], None, 0.0
+    rows, mixing, t0, in_step, restarts = 0, [], None, 0.0, []
     shard = ray.train.get_dataset_shard("train")
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg["batch_size"], local_shuffle_buffer_size=cfg["shuffle_buffer"])):
-        if i == 1:
-            t0, rows, in_step = time.perf_counter(), 0, 0.0
-        t_step = time.perf_counter()
-        train_step(objective, opts, batch)
-        in_step += time.perf_counter() - t_step
-        rows += len(batch["y"])
-        mixing.append(len(torch.unique(batch["sweep"])))
+    for epoch in range(cfg["epochs"]):
+        t_epoch = time.perf_counter()
+        for i, batch in enumerate(epoch_batches(shard, cfg["batch_size"], cfg["shuffle_buffer"], epoch)):
+            if epoch == 0 and i == 1:
+                t0, rows, in_step = time.perf_counter(), 0, 0.0
+            if epoch > 0 and i == 0:  # the stream is executed again for every epoch: its first batch waits
+                restarts.append(time.perf_counter() - t_epoch)
+            t_step = time.perf_counter()
+            train_step(objective, opt, batch)
+            in_step += time.perf_counter() - t_step
+            rows += len(batch["y"])
+            mixing.append(len(torch.unique(batch["sweep"])))
     seconds = time.perf_counter() - t0
-    metrics = {"rows": rows, "seconds": seconds, "in_step": in_step / seconds, "sweeps_per_batch": float(np.mean(mixing))}
+    metrics = {"rows": rows, "seconds": seconds, "in_step": in_step / seconds, "sweeps_per_batch": float(np.mean(mixing)),
+               "epoch_start_s": float(np.mean(restarts)) if restarts else None}
     with tempfile.TemporaryDirectory() as d:  # Ray Train v2 returns the metrics of the latest checkpoint only
         (Path(d) / "metrics.json").write_text(json.dumps(metrics))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -68,19 +73,20 @@ def _in_memory(ds, args, threads: int, max_batches: int = 120) -> dict:
     """The same ``train_step`` on batches of the same stream already in this process's memory, the kernel on
     ``threads`` threads and torch's own ops on one: the step's ceiling when its input costs nothing."""
     batches = []
-    for batch in ds.iter_torch_batches(batch_size=args.batch_size, local_shuffle_buffer_size=args.shuffle_buffer):
+    for batch in epoch_batches(ds, args.batch_size, args.shuffle_buffer, 0):
         batches.append(batch)
         if len(batches) == max_batches:
             break
     models = registry.fresh(0, "rms")
-    opts, objective = optimizers(models, 1e-3), Objective(models, threads=threads)
+    objective = Objective(models, threads=threads)
+    opt = optimizer(objective, 1e-3)
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_step(objective, opts, batches[0])  # warm-up: the kernel's first load
+        train_step(objective, opt, batches[0])  # warm-up: the kernel's first load
         t0 = time.perf_counter()
         for batch in batches[1:]:
-            train_step(objective, opts, batch)
+            train_step(objective, opt, batch)
         seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(saved)
@@ -92,8 +98,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shards", default="runs/demo", help="a collected meta-dataset (default: make demo's)")
     p.add_argument("--batch-size", type=int, default=8192)
-    p.add_argument("--shuffle-buffer", type=int, default=65536)
+    p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_ROWS, help="as known.train's flag")
     p.add_argument("--sweeps-per-block", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the stream, each executed again as in "
+                   "known.train; from the second on, epoch_start_s is the wait for an epoch's first batch")
     p.add_argument("--bias-repeat", type=int, default=64)
     p.add_argument("--configs", nargs="+", default=["1x1", "2x1", "1x2"], metavar="WORKERSxTHREADS",
                    help="training workers × native-kernel threads each (default: one worker on one core, two on one "
@@ -124,7 +132,8 @@ def main() -> None:
                                run_config=RunConfig(name=f"train-throughput-{n}x{threads}", storage_path="/tmp/oblivion-bench"))
         m = trainer.fit().metrics
         rows_s = n * m["rows"] / m["seconds"]
-        out[f"{n}x{threads}"] = {"rows_per_s": round(rows_s), "rows": n * m["rows"], "seconds": round(m["seconds"], 2), "sweeps_per_batch": round(m["sweeps_per_batch"], 1), "in_step": round(m["in_step"], 2)}
+        out[f"{n}x{threads}"] = {"rows_per_s": round(rows_s), "rows": n * m["rows"], "seconds": round(m["seconds"], 2), "sweeps_per_batch": round(m["sweeps_per_batch"], 1), "in_step": round(m["in_step"], 2),
+                            "epoch_start_s": m["epoch_start_s"] and round(m["epoch_start_s"], 2)}
     if args.in_memory:
         out[f"in_memory_1x{args.in_memory}"] = _in_memory(stream(), args, args.in_memory)
     bound = max(bound, _matmul_flops())  # again, after: the faster of the two

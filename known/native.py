@@ -115,13 +115,15 @@ def forward(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _l1_grads(flats: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor, counts: list[int], threads: int
-              ) -> tuple[list[float], list[torch.Tensor]]:
-    """Per model k (rows of model k: the k-th run of ``counts`` rows): (Σ|KNOWN_k(x) − t|, its gradient as one
-    vector in the order of KNOWN.parameters()). The rows are split evenly between ``threads`` threads, each
-    with its own gradients and its model runs in its share."""
+              ) -> tuple[list[float], torch.Tensor]:
+    """Per model k (rows of model k: the k-th run of ``counts`` rows): Σ|KNOWN_k(x) − t|, and the gradient of
+    every model as one vector (model k's in the order of its parameters(), the models laid end to end). The
+    rows are split evenly between ``threads`` threads, each with its own gradients and its models' runs in
+    its share; the calling thread takes the first share."""
     edges = [len(x) * j // threads for j in range(threads + 1)]
     starts = [sum(counts[:k]) for k in range(len(counts) + 1)]
-    grads = [torch.zeros(threads, len(f), dtype=torch.float32) for f in flats]
+    offsets = [sum(len(f) for f in flats[:k]) for k in range(len(flats))]
+    grads = torch.zeros(threads, sum(len(f) for f in flats), dtype=torch.float32)
     losses = torch.zeros(threads, len(flats), dtype=torch.float64)
 
     def part(j: int) -> None:
@@ -129,13 +131,13 @@ def _l1_grads(flats: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor, count
             lo, hi = max(edges[j], starts[k]), min(edges[j + 1], starts[k + 1])
             if hi > lo:
                 losses[j, k] = library().known_l1_grad(flat.data_ptr(), x[lo:hi].data_ptr(), t[lo:hi].data_ptr(),
-                                                       hi - lo, grads[k][j].data_ptr())  # ctypes releases the GIL
+                                                       hi - lo, grads[j, offsets[k]:].data_ptr())  # ctypes releases the GIL
 
-    if threads == 1:
-        part(0)
-    else:
-        list(_pool(threads).map(part, range(threads)))
-    return losses.sum(0).tolist(), [g.sum(0) for g in grads]
+    others = [_pool(threads - 1).submit(part, j) for j in range(1, threads)]
+    part(0)
+    for f in others:
+        f.result()
+    return losses.sum(0).tolist(), grads[0] if threads == 1 else grads.sum(0)
 
 
 @functools.cache
@@ -145,32 +147,30 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 class _L1(torch.autograd.Function):
-    """Each model's mean |KNOWN(x) − t| over its rows, with every parameter's gradient from the same kernel pass
-    (saved for backward)."""
+    """Each model's mean |KNOWN(x) − t| over its rows, the gradient in every model's parameters (one flat
+    vector) from the same kernel pass, saved for backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, t: torch.Tensor, counts: list[int], threads: int, *params: torch.Tensor) -> torch.Tensor:
-        per_model = len(params) // len(counts)
-        groups = [params[k * per_model : (k + 1) * per_model] for k in range(len(counts))]
-        flats = [check_size(torch.cat([p.detach().reshape(-1) for p in g]), unfolded=True) for g in groups]
+    def forward(ctx, flat: torch.Tensor, sizes: list[int], x: torch.Tensor, t: torch.Tensor, counts: list[int],
+                threads: int) -> torch.Tensor:
+        flats = [check_size(f, unfolded=True) for f in flat.detach().split(sizes)]
         threads = max(1, min(threads, len(x) // 1024))  # a thread per >= 1k rows
-        losses, grads = _l1_grads(flats, x.contiguous(), t.contiguous(), counts, threads)
-        ctx.grads = [g / max(n, 1) for g, n in zip(grads, counts)]
-        ctx.shapes = [p.shape for p in groups[0]]
+        losses, grad = _l1_grads(flats, x.contiguous(), t.contiguous(), counts, threads)
+        for part, n in zip(grad.split(sizes), counts):  # the gradient of each model's mean loss
+            part.div_(max(n, 1))
+        ctx.grad, ctx.sizes = grad, sizes
         return torch.tensor([loss / max(n, 1) for loss, n in zip(losses, counts)])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        out = []
-        for k, grad in enumerate(ctx.grads):
-            parts = (grad_out[k] * grad).split([s.numel() for s in ctx.shapes])
-            out += [g.view(s) for g, s in zip(parts, ctx.shapes)]
-        return (None, None, None, None, *out)
+        scaled = [part * g for part, g in zip(ctx.grad.split(ctx.sizes), grad_out.tolist())]
+        return torch.cat(scaled), None, None, None, None, None
 
 
-def l1(models: list, x: torch.Tensor, t: torch.Tensor, counts: list[int], threads: int = 1) -> torch.Tensor:
-    """[len(models)]: model k's mean |KNOWN_k(x) − t| over its rows — the rows of ``x`` [n, S] (network inputs)
-    and ``t`` [n] come grouped by model, ``counts[k]`` rows each; differentiable in every model's parameters,
-    forward and backward in one pass of the kernel on ``threads`` threads (check ``runs`` for each model first)."""
-    params = [p for m in models for p in m.parameters()]
-    return _L1.apply(x, t.float(), list(counts), threads, *params)
+def l1(flat: torch.Tensor, sizes: list[int], x: torch.Tensor, t: torch.Tensor, counts: list[int], threads: int = 1
+       ) -> torch.Tensor:
+    """[len(sizes)]: model k's mean |KNOWN_k(x) − t| over its rows. ``flat``: every model's parameters laid end to
+    end, model k's ``sizes[k]`` in the order of its parameters(); the rows of ``x`` [n, S] (network inputs) and
+    ``t`` [n] come grouped by model, ``counts[k]`` rows each. Differentiable in ``flat``; forward and backward
+    in one pass of the kernel on ``threads`` threads (check ``runs`` for each model first)."""
+    return _L1.apply(flat, list(sizes), x, t.float(), list(counts), threads)

@@ -5,7 +5,7 @@
 
 Sweeps are split into train / validation by sweep id (never by scalar). Ray Data reads the shards (safe
 decoder, files shuffled), turns every sweep into windows (one row per scalar: 5 inputs, 1 target, kind)
-and feeds them to the training workers in batches through a local shuffle buffer, so memory stays bounded
+and feeds them to the training workers in batches through a shuffle buffer (``shuffled``), so memory stays bounded
 whatever the size of the meta-dataset. One KNOWN per kind (conv / linear / bias), L1 loss on the residual.
 Checkpoints every ``--checkpoint-every`` steps and at each epoch end; running the same command again (same
 ``--storage`` and ``--name``) resumes from the last checkpoint, and ``--max-failures`` lets Ray Train
@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,10 @@ METRIC = registry.METRIC
 # Ray Train keeps the best checkpoints by RANK: METRIC where an epoch end measured it, else UNMEASURED (ranked
 # last; a finite number because NaN and inf do not survive Ray's checkpoint snapshot, which a resume reads)
 RANK, UNMEASURED = "checkpoint_rank", 1e30
+# 262,144 rows (8.7 MB): batches of meta-v2 mixed 21.4 sweeps (min 16) against 16.1 (min 6) with 65,536 and
+# 19.6 (min 16) through Ray Data's buffer of 65,536, which took 2.5x as long per row (bench/stream_throughput.py)
+SHUFFLE_ROWS = 262_144
+OPTIMIZER_FILE = "optimizer.pt"  # in a checkpoint, next to the KNOWNs' safetensors
 RUN_FILE = "mlflow_run.json"  # next to Ray Train's checkpoints: the MLflow run a resumed training continues
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,36 @@ def to_rows(batch: dict, seed: int = 0, repeat: dict | None = None) -> dict:
     n = len(out["y"])  # mix layers and sweeps before the shuffle buffer; int32 indices gather 23% faster
     order = np.random.default_rng(seed).permutation(n).astype(np.int32 if n < 2**31 else np.int64)
     return {k: np.take(v, order, axis=0) for k, v in out.items()}
+
+
+def shuffled(chunks: Iterable[dict], batch_size: int, buffer_rows: int, seed: int) -> Iterator[dict]:
+    """Batches of ``batch_size`` rows drawn at random from a buffer of ``buffer_rows`` rows that ``chunks`` (dicts
+    of equal-length tensors) refill; the rows left at the end too, the last batch partial.
+
+    Ray Data's ``local_shuffle_buffer_size`` does the same at a cost the training process pays: on meta-v2 (2-core
+    VM) its 65,536-row buffer passed 3.1-3.5M rows/s, this one 7.8-8.6M at 262,144 rows, none 11.5M. Here a
+    refill moves the rows by one permutation of the pool (``bench/stream_throughput.py`` compares both)."""
+    gen, pool = torch.Generator().manual_seed(seed), None
+
+    def permuted(pool: dict) -> dict:  # numpy's take: 10 ns per row of x, torch's x[order] 61, index_select 19
+        order = torch.randperm(len(pool["y"]), generator=gen, dtype=torch.int32).numpy()
+        return {k: torch.from_numpy(np.take(v.numpy(), order, axis=0)) for k, v in pool.items()}
+
+    for chunk in chunks:
+        pool = chunk if pool is None else {k: torch.cat([pool[k], v]) for k, v in chunk.items()}
+        n = len(pool["y"])
+        if n >= buffer_rows + batch_size:
+            pool, out = permuted(pool), (n - buffer_rows) // batch_size * batch_size  # >= buffer_rows rows stay
+            yield from ({k: v[i : i + batch_size] for k, v in pool.items()} for i in range(0, out, batch_size))
+            pool = {k: v[out:] for k, v in pool.items()}
+    if pool is not None and len(pool["y"]):
+        pool = permuted(pool)
+        yield from ({k: v[i : i + batch_size] for k, v in pool.items()} for i in range(0, len(pool["y"]), batch_size))
+
+
+def epoch_batches(shard, batch_size: int, buffer_rows: int, seed: int) -> Iterator[dict]:
+    """One epoch of a training worker's batches: its Ray Data shard (``to_rows``' rows) through ``shuffled``."""
+    return shuffled(shard.iter_torch_batches(batch_size=max(batch_size, buffer_rows)), batch_size, buffer_rows, seed)
 
 
 class ErrorSums:
@@ -124,85 +159,108 @@ def best_checkpoint(results: list[tuple]) -> tuple:
     return min(scored, key=lambda cm: cm[1][METRIC])
 
 
-def _checkpoint_dir(models, opts, epoch: int, step: int, d: str) -> str:
+def _checkpoint_dir(models, opt, epoch: int, step: int, d: str) -> str:
     registry.save_dir(models, d)
-    torch.save({k: o.state_dict() for k, o in opts.items()}, Path(d) / "optimizers.pt")
+    torch.save(opt.state_dict(), Path(d) / OPTIMIZER_FILE)
     (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step}))
     return d
 
 
-def restore(models: dict, opts: dict, d: str, device="cpu") -> tuple[int, int]:
-    """Load a checkpoint folder written by ``_checkpoint_dir`` into ``models`` / ``opts``; (epoch, step)."""
+def restore(models: dict, opt: torch.optim.Optimizer, d: str, device="cpu") -> tuple[int, int]:
+    """Load a checkpoint folder written by ``_checkpoint_dir`` into ``models`` (in place: an ``Objective``'s
+    parameters see it) and ``opt`` (``optimizer``); (epoch, step)."""
     for k, m in registry.load_dir(d).items():
         if m.inputs != models[k].inputs:  # same weights, other inputs: resuming would train nonsense
             raise ValueError(f"checkpoint {d} holds a {k} KNOWN with inputs={m.inputs!r}; this run trains "
                              f"inputs={models[k].inputs!r}: start a new --name")
         models[k].load_state_dict(m.state_dict())
-    for k, st in torch.load(Path(d) / "optimizers.pt", map_location=device, weights_only=True).items():
-        opts[k].load_state_dict(st)
+    if (Path(d) / OPTIMIZER_FILE).exists():
+        opt.load_state_dict(torch.load(Path(d) / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    else:  # a checkpoint of the per-kind optimisers (before the flat parameter)
+        old = torch.load(Path(d) / "optimizers.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(_flat_adam_state([old[k] for k in models], opt))
     progress = json.loads((Path(d) / "progress.json").read_text())
     return progress["epoch"], progress["step"]
 
 
-def optimizers(models: dict, lr: float) -> dict:
-    """One Adam per kind, its update one fused op per step: the per-tensor loop took 2 of a step's 12 ms with the
-    native kernel (torch's profiler on an in-memory train_step; fused: 0.6 ms)."""
-    return {k: torch.optim.Adam(m.parameters(), lr=lr, fused=True) for k, m in models.items()}
+def _flat_adam_state(per_kind: list[dict], opt: torch.optim.Optimizer) -> dict:
+    """The state of one Adam per kind (each over its KNOWN's tensors) as the state of ``opt``, the Adam of their
+    flat parameter: the moments laid end to end in the same order, so an older checkpoint resumes exactly."""
+    states = [s["state"] for s in per_kind]
+    group = {**opt.state_dict()["param_groups"][0], "lr": per_kind[0]["param_groups"][0]["lr"]}
+    if not all(states):  # saved before any step
+        return {"state": {}, "param_groups": [group]}
+
+    def cat(key: str) -> torch.Tensor:
+        return torch.cat([s[i][key].reshape(-1) for s in states for i in sorted(s)])
+
+    return {"state": {0: {"step": states[0][0]["step"], "exp_avg": cat("exp_avg"), "exp_avg_sq": cat("exp_avg_sq")}},
+            "param_groups": [group]}
+
+
+def optimizer(objective: "Objective", lr: float) -> torch.optim.Optimizer:
+    """Adam over the objective's flat parameter: one fused update per step (per tensor, the 78 tensors of three
+    KNOWNs cost more than the native kernel's pass over a batch; torch's profiler on train_step)."""
+    return torch.optim.Adam([objective.flat], lr=lr, fused=True)
 
 
 class Objective(nn.Module):
-    """Every kind's training loss on one batch, as one module: DDP wraps it once, so a step costs one gradient
-    allreduce instead of one per kind (three DDP wrappers made a two-worker step 1.6x slower than none,
-    bench/train_throughput.py). ``models`` stay the modules that are trained, checkpointed and validated.
+    """Every kind's training loss on one batch, as one module over one flat parameter: DDP allreduces it once
+    per step, autograd accumulates one gradient and Adam updates one tensor (three DDP wrappers made a
+    two-worker step 1.6x slower than none; 78 tensors' accumulation and update cost 3 of a 7.6 ms step).
 
+    The KNOWNs in ``models`` keep their parameters, as views of ``flat``: they are what is checkpointed,
+    validated and registered, and see every update (create the Objective after moving them to their device).
     On the CPU the native kernel (known/native.py) takes the whole batch in one call, rows grouped by kind, on
-    ``threads`` threads; elsewhere each kind's ``KNOWN.loss`` runs in torch."""
+    ``threads`` threads; elsewhere each kind's network runs in torch on its part of ``flat``."""
 
     def __init__(self, models: dict, threads: int = 1):
         super().__init__()
-        self.models = nn.ModuleDict(models)
-        self.threads = threads
         modes = {m.inputs for m in models.values()}
         if len(modes) != 1:
             raise ValueError(f"the kinds' KNOWNs read different input modes {sorted(modes)}: train one mode at a time")
+        self.models = dict(models)  # a plain dict, not submodules: the trained parameter is ``flat``
+        self.threads = threads
+        params = [p for m in models.values() for p in m.parameters()]
+        self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+        for p, view in zip(params, self.flat.detach().split([p.numel() for p in params])):
+            p.data = view.view_as(p)
+        self.sizes = [sum(p.numel() for p in m.parameters()) for m in models.values()]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, rms: torch.Tensor, kind: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(Σ of the kinds' mean L1 losses, kind -> (loss, fraction beyond ±1, rows)) for the kinds in the batch."""
-        if all(native.runs(x, m) for m in self.models.values()):
-            return self._native(x, y, rms, kind)
-        total, out = x.new_zeros(()), {}
-        for k, model in self.models.items():
-            mask = kind == KIND_IDS[k]
-            n = int(mask.sum())
-            if n:
-                loss, outside = model.loss(x[mask], y[mask], rms=rms[mask])
-                out[k] = (loss.detach(), outside, n)
-            else:  # every rank must give every parameter a gradient (DDP's allreduce), even on a batch
-                loss = model(x[:1]).sum() * 0.0  # without this kind: a zero-weighted pass
-            total = total + loss
-        return total, out
-
-    def _native(self, x, y, rms, kind) -> tuple[torch.Tensor, dict]:
         rows = [torch.nonzero(kind == KIND_IDS[k]).flatten() for k in self.models]
         order, counts = torch.cat(rows), [len(r) for r in rows]  # rows grouped by kind, in the models' order
-        inputs, centre, scale = next(iter(self.models.values())).prepare(x[order], rms[order])
-        t = (y[order] - centre) / scale
-        losses = native.l1(list(self.models.values()), inputs, t.clamp(-1, 1), counts, self.threads)
+        x, y, rms = (v.index_select(0, order) for v in (x, y, rms))  # x[order]: 61 ns per row, this 19
+        inputs, centre, scale = next(iter(self.models.values())).prepare(x, rms)
+        t = (y - centre) / scale
+        if all(native.runs(inputs, m) for m in self.models.values()):
+            losses = native.l1(self.flat, self.sizes, inputs, t.clamp(-1, 1), counts, self.threads)
+        else:
+            losses = self._torch(inputs, t.clamp(-1, 1), counts)
         beyond = (t.abs() > 1).float().split(counts)
         out = {k: (losses[i].detach(), beyond[i].mean(), n) for i, (k, n) in enumerate(zip(self.models, counts)) if n}
         return losses.sum(), out
 
+    def _torch(self, inputs: torch.Tensor, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each kind's mean L1 in torch, its KNOWN called with its part of ``flat`` (autograd reaches ``flat``)."""
+        losses = []
+        for (k, model), part, x_k, t_k in zip(self.models.items(), self.flat.split(self.sizes), inputs.split(counts), t.split(counts)):
+            names = [n for n, _ in model.named_parameters()]
+            shapes = [p.shape for _, p in model.named_parameters()]
+            params = {n: v.view(s) for n, v, s in zip(names, part.split([s.numel() for s in shapes]), shapes)}
+            losses.append((torch.func.functional_call(model, params, (x_k,)) - t_k).abs().mean() if len(t_k) else part.new_zeros(()))
+        return torch.stack(losses)
 
-def train_step(objective: nn.Module, opts: dict, batch: dict) -> dict[str, tuple[float, float, int]]:
+
+def train_step(objective: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict[str, tuple[float, float, int]]:
     """One optimisation step of every kind's KNOWN on its rows of ``batch`` (``objective``: an ``Objective``, or
-    its DDP wrapper); kind -> (Σ loss, Σ beyond ±1, rows)."""
+    its DDP wrapper; ``opt``: its ``optimizer``); kind -> (Σ loss, Σ beyond ±1, rows)."""
     x, y, rms, kind = batch["x"].float(), batch["y"].float(), batch["rms"].float(), batch["kind"]
-    for opt in opts.values():
-        opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     total, out = objective(x, y, rms, kind)
-    total.backward()  # each kind's loss reaches only its own KNOWN's parameters
-    for opt in opts.values():
-        opt.step()
+    total.backward()  # each kind's loss reaches only its own part of the flat parameter
+    opt.step()
     return {k: (loss.item() * n, outside.item() * n, n) for k, (loss, outside, n) in out.items()}
 
 
@@ -218,14 +276,14 @@ def train_loop(cfg: dict) -> None:
     ctx = ray.train.get_context()
     device = get_device()  # batches arrive on it (CUDA when the worker has a GPU)
     models = {k: m.to(device) for k, m in registry.fresh(cfg["seed"], cfg["inputs"]).items()}
-    opts = optimizers(models, cfg["lr"])
+    objective = Objective(models, threads=cfg.get("threads", 1))
+    opt = optimizer(objective, cfg["lr"])
     epoch0, step = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume: weights, optimiser state and progress of the last checkpoint
         with ckpt.as_directory() as d:
-            epoch0, step = restore(models, opts, d, device)
+            epoch0, step = restore(models, opt, d, device)
     resumed_from = step  # reported with every metric, so a resumed run is visible as one
-    objective = Objective(models, threads=cfg.get("threads", 1))
     if ctx.get_world_size() > 1:
         from ray.train.torch import prepare_model
 
@@ -236,7 +294,7 @@ def train_loop(cfg: dict) -> None:
         if mlflow:
             mlflow.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as d:
-            ck = ray.train.Checkpoint.from_directory(_checkpoint_dir(models, opts, epoch, step, d)) if ctx.get_world_rank() == 0 else None
+            ck = ray.train.Checkpoint.from_directory(_checkpoint_dir(models, opt, epoch, step, d)) if ctx.get_world_rank() == 0 else None
             ray.train.report({**metrics, RANK: metrics.get(METRIC, UNMEASURED), "step": step, "epoch": epoch,
                               "resumed_from_step": resumed_from}, checkpoint=ck)
 
@@ -250,9 +308,8 @@ def train_loop(cfg: dict) -> None:
     for epoch in range(epoch0, cfg["epochs"]):
         sums = {k: [0.0, 0.0, 0] for k in PREDICTED_KINDS}
         mixing = []  # distinct sweeps in each training batch
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], local_shuffle_buffer_size=cfg["shuffle_buffer"],
-                                                    local_shuffle_seed=cfg["seed"] + epoch):
-            for k, got in train_step(objective, opts, batch).items():
+        for batch in epoch_batches(train_shard, cfg["batch_size"], cfg["shuffle_buffer"], cfg["seed"] + epoch):
+            for k, got in train_step(objective, opt, batch).items():
                 sums[k] = [a + b for a, b in zip(sums[k], got)]
             mixing.append(len(torch.unique(batch["sweep"])))
             step += 1
@@ -285,7 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of sweeps held out (split by sweep id)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="train on this nested part of the training "
                    "sweeps (size curves; the validation sweeps stay the same)")
-    p.add_argument("--shuffle-buffer", type=int, default=65536, help="rows in each worker's local shuffle buffer")
+    p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_ROWS, help="rows in each worker's shuffle buffer "
+                   "(``shuffled``), which mixes the blocks of --sweeps-per-block sweeps")
     p.add_argument("--inputs", choices=INPUT_MODES, default="rms", help="KNOWN's input mode (known.model): raw "
                    "values (the paper), scaled (centred, divided by the path length) or rms (divided by the tensor's "
                    "RMS; the best on held-out sweeps, README)")

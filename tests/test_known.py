@@ -433,11 +433,10 @@ def test_native_training_step_gives_torch_autograd_losses_and_gradients(rows, th
     objective = Objective(models, threads=threads)  # no bias rows: its KNOWN still gets a (zero) gradient
 
     def run():
-        for m in models.values():
-            m.zero_grad()
+        objective.flat.grad = None
         total, out = objective(w, y, rms, kind)
         total.backward()
-        return total.item(), out, torch.cat([p.grad.reshape(-1) for m in models.values() for p in m.parameters()])
+        return total.item(), out, objective.flat.grad.clone()
 
     calls, kernel = [], native.l1
     monkeypatch.setattr(native, "l1", lambda *a, **k: calls.append(1) or kernel(*a, **k))
@@ -446,7 +445,7 @@ def test_native_training_step_gives_torch_autograd_losses_and_gradients(rows, th
     assert calls  # the kernel computed it
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     native.library.cache_clear()
-    want_total, want_out, want = run()  # torch's autograd, kind by kind
+    want_total, want_out, want = run()  # torch's autograd, kind by kind, on its part of the flat parameter
     native.library.cache_clear()
     assert len(calls) == 1 and set(out) == set(want_out) == {"conv", "linear"}
     assert total == pytest.approx(want_total, rel=1e-5)
@@ -508,3 +507,54 @@ def test_the_step_layout_is_the_kernel_for_float32_on_the_cpu_and_torch_otherwis
     assert _layout(w, model) is NativeKNOWN
     assert _layout(w.double(), model.double()) is FastKNOWN  # the kernel reads float32 only
     assert _layout(w[:, :4], KNOWN(n_stages=4)) is FastKNOWN  # and five stages
+
+
+def test_shuffled_batches_are_a_seeded_permutation_that_mixes_the_chunks():
+    from known.train import shuffled
+
+    chunks = [{"y": torch.arange(i * 100, (i + 1) * 100), "sweep": torch.full((100,), i)} for i in range(10)]
+    batches = list(shuffled(iter(chunks), 32, 150, seed=3))
+    rows = torch.cat([b["y"] for b in batches])
+    assert sorted(rows.tolist()) == list(range(1000))  # every row once, the rest at the end included
+    assert [len(b["y"]) for b in batches[:-1]] == [32] * (len(batches) - 1) and 0 < len(batches[-1]["y"]) <= 32
+    assert all(torch.equal(b["sweep"], b["y"] // 100) for b in batches)  # columns move together
+    assert min(len(b["sweep"].unique()) for b in batches[:-1]) >= 2  # each batch mixes chunks
+    again = torch.cat([b["y"] for b in shuffled(iter(chunks), 32, 150, seed=3)])
+    other = torch.cat([b["y"] for b in shuffled(iter(chunks), 32, 150, seed=4)])
+    assert torch.equal(rows, again) and not torch.equal(rows, other)
+
+
+def _ddp_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from known import registry
+    from known.train import KIND_IDS, Objective, optimizer, train_step
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different batches on each rank
+    models = registry.fresh(rank, "rms")  # and different initial weights: DDP broadcasts rank 0's
+    objective = Objective(models)
+    opt, wrapped = optimizer(objective, 1e-2), DistributedDataParallel(objective)
+    for _ in range(3):
+        n = 2048
+        batch = {"x": torch.randn(n, 5).cumsum(1) * 0.02, "y": torch.randn(n) * 0.02, "rms": torch.full((n,), 0.04),
+                 "kind": torch.tensor([KIND_IDS["conv"], KIND_IDS["linear"]], dtype=torch.int8)[torch.randint(0, 2, (n,))]}
+        train_step(wrapped, opt, batch)
+    torch.save({k: m.state_dict() for k, m in models.items()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_training_keeps_every_ranks_knowns_equal(tmp_path):
+    """The KNOWNs' parameters are views of the Objective's flat parameter: DDP's first broadcast and every
+    averaged step must reach them, so that the checkpointed and validated models are the trained ones."""
+    import torch.multiprocessing as mp
+
+    from known import registry
+
+    mp.spawn(_ddp_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    start = {k: m.state_dict() for k, m in registry.fresh(0, "rms").items()}
+    assert all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+    moved = {k for k in a if not all(torch.equal(a[k][n], start[k][n]) for n in a[k])}
+    assert moved == {"conv", "linear"}  # trained from rank 0's start; no bias rows, so the bias KNOWN stayed

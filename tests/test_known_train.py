@@ -214,14 +214,54 @@ def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
     from known.model import KNOWN
 
     models = registry.fresh(1)
-    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
-    train._checkpoint_dir(models, opts, epoch=2, step=37, d=str(tmp_path))
+    objective = train.Objective(models)
+    opt = train.optimizer(objective, lr=1e-3)
+    objective.flat.grad = torch.randn_like(objective.flat)
+    opt.step()
+    train._checkpoint_dir(models, opt, epoch=2, step=37, d=str(tmp_path))
     again = registry.fresh(2)
-    assert train.restore(again, {k: torch.optim.Adam(m.parameters()) for k, m in again.items()}, str(tmp_path)) == (2, 37)
+    objective2 = train.Objective(again)
+    opt2 = train.optimizer(objective2, lr=1e-3)
+    assert train.restore(again, opt2, str(tmp_path)) == (2, 37)
     assert all(torch.equal(again["conv"].state_dict()[n], t) for n, t in models["conv"].state_dict().items())
+    assert torch.equal(objective2.flat, objective.flat)  # the models' parameters are views of the trained one
+    assert torch.equal(opt2.state[objective2.flat]["exp_avg"], opt.state[objective.flat]["exp_avg"])
     raw = {k: KNOWN(inputs="raw") for k in models}  # a checkpoint of the official (raw-input) kind
     with pytest.raises(ValueError, match="inputs='scaled'"):
-        train.restore(raw, {k: torch.optim.Adam(m.parameters()) for k, m in raw.items()}, str(tmp_path))
+        train.restore(raw, train.optimizer(train.Objective(raw), 1e-3), str(tmp_path))
+
+
+def test_a_checkpoint_of_per_kind_optimisers_resumes_as_the_flat_one_would_have(tmp_path):
+    """Checkpoints written before the flat parameter hold one Adam per kind: resuming one continues the same
+    moments, so the next step is the step the per-kind Adams would have taken."""
+    import torch
+
+    models = registry.fresh(1)
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
+    torch.manual_seed(0)
+    for _ in range(2):
+        for m in models.values():
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+        for o in opts.values():
+            o.step()
+    registry.save_dir(models, tmp_path)
+    torch.save({k: o.state_dict() for k, o in opts.items()}, tmp_path / "optimizers.pt")
+    (tmp_path / "progress.json").write_text('{"epoch": 1, "step": 2}')
+    grads = [torch.randn_like(p) for m in models.values() for p in m.parameters()]
+    for g, p in zip(grads, (p for m in models.values() for p in m.parameters())):
+        p.grad = g
+    resumed = registry.fresh(2)
+    objective = train.Objective(resumed)
+    opt = train.optimizer(objective, lr=1e-3)
+    assert train.restore(resumed, opt, str(tmp_path)) == (1, 2)
+    for o in opts.values():  # the old optimisers' third step
+        o.step()
+    objective.flat.grad = torch.cat([g.reshape(-1) for g in grads])
+    opt.step()  # the flat one's
+    want = torch.cat([p.detach().reshape(-1) for m in models.values() for p in m.parameters()])
+    assert torch.allclose(objective.flat.detach(), want, atol=1e-7) and not torch.equal(want, torch.cat(
+        [p.detach().reshape(-1) for m in registry.fresh(1).values() for p in m.parameters()]))
 
 
 def test_predictability_report_of_a_collected_meta_dataset_goes_to_file_and_mlflow(meta_root, tmp_path):
