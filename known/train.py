@@ -58,10 +58,10 @@ def to_rows(batch: dict, seed: int = 0, repeat: dict | None = None) -> dict:
     """Ray Data map_batches: sweeps (sweep_id, json, safetensors) -> one row per (scalar, window).
 
     The rows of every sweep in ``batch`` are permuted together, in runs of ``RUN_ROWS``, so that the batches
-    cut from them mix that many sweeps (``--sweeps-per-block``; ``shuffled`` then mixes rows and blocks). ``repeat`` (kind -> n) repeats
-    the rows of a rare kind n times: biases are ~0.03% of the scalars, so in a mixed batch of 8,192 rows the
-    bias KNOWN would see about two per step. ``sweep`` numbers the sweep of each row (to count distinct
-    sweeps per training batch)."""
+    cut from them mix that many sweeps (``--sweeps-per-block``; ``shuffled`` then mixes rows and blocks).
+    ``repeat`` (kind -> n) repeats the rows of a rare kind n times: biases are ~0.03% of the scalars, so in a
+    mixed batch of 8,192 rows the bias KNOWN would see about two per step. ``sweep`` numbers the sweep of each
+    row (to count distinct sweeps per training batch)."""
     cols: dict[str, list] = {"x": [], "y": [], "rms": [], "kind": [], "sweep": []}
     for sid, js, st in zip(batch["sweep_id"], batch["json"], batch["safetensors"]):
         sample = readers.row_to_sample({"sweep_id": sid, "json": js, "safetensors": st})
@@ -108,9 +108,12 @@ def shuffled(chunks: Iterable[dict], batch_size: int, buffer_rows: int, seed: in
         yield from ({k: v[i : i + batch_size] for k, v in pool.items()} for i in range(0, len(pool["y"]), batch_size))
 
 
-def epoch_batches(shard, batch_size: int, buffer_rows: int, seed: int) -> Iterator[dict]:
-    """One epoch of a training worker's batches: its Ray Data shard (``to_rows``' rows) through ``shuffled``."""
-    return shuffled(shard.iter_torch_batches(batch_size=max(batch_size, buffer_rows)), batch_size, buffer_rows, seed)
+def epoch_batches(shard, batch_size: int, buffer_rows: int, seed: int, device="cpu") -> Iterator[dict]:
+    """One epoch of a training worker's batches on ``device``: its Ray Data shard (``to_rows``' rows) through
+    ``shuffled``, which runs on the CPU."""
+    chunks = shard.iter_torch_batches(batch_size=max(batch_size, buffer_rows), device="cpu")
+    for batch in shuffled(chunks, batch_size, buffer_rows, seed):
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class ErrorSums:
@@ -199,8 +202,11 @@ def _flat_adam_state(per_kind: list[dict], opt: torch.optim.Optimizer) -> dict:
     def cat(key: str) -> torch.Tensor:
         return torch.cat([s[i][key].reshape(-1) for s in states for i in sorted(s)])
 
-    return {"state": {0: {"step": states[0][0]["step"], "exp_avg": cat("exp_avg"), "exp_avg_sq": cat("exp_avg_sq")}},
-            "param_groups": [group]}
+    moments = {"exp_avg": cat("exp_avg"), "exp_avg_sq": cat("exp_avg_sq")}
+    if len(moments["exp_avg"]) != opt.param_groups[0]["params"][0].numel():  # a tensor without state: cannot align
+        raise ValueError(f"the checkpoint's optimiser state covers {len(moments['exp_avg'])} parameters, the KNOWNs "
+                         f"have {opt.param_groups[0]['params'][0].numel()}: start a new --name")
+    return {"state": {0: {"step": states[0][0]["step"], **moments}}, "param_groups": [group]}
 
 
 def optimizer(objective: "Objective", lr: float) -> torch.optim.Optimizer:
@@ -250,11 +256,12 @@ class Objective(nn.Module):
     def _torch(self, inputs: torch.Tensor, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each kind's mean L1 in torch, its KNOWN called with its part of ``flat`` (autograd reaches ``flat``)."""
         losses = []
-        for (k, model), part, x_k, t_k in zip(self.models.items(), self.flat.split(self.sizes), inputs.split(counts), t.split(counts)):
-            names = [n for n, _ in model.named_parameters()]
-            shapes = [p.shape for _, p in model.named_parameters()]
-            params = {n: v.view(s) for n, v, s in zip(names, part.split([s.numel() for s in shapes]), shapes)}
-            losses.append((torch.func.functional_call(model, params, (x_k,)) - t_k).abs().mean() if len(t_k) else part.new_zeros(()))
+        for model, part, x_k, t_k in zip(self.models.values(), self.flat.split(self.sizes), inputs.split(counts),
+                                         t.split(counts)):
+            named = list(model.named_parameters())
+            params = {n: v.view_as(p) for (n, p), v in zip(named, part.split([p.numel() for _, p in named]))}
+            residual = torch.func.functional_call(model, params, (x_k,))
+            losses.append((residual - t_k).abs().mean() if len(t_k) else part.new_zeros(()))
         return torch.stack(losses)
 
 
@@ -279,7 +286,7 @@ def train_loop(cfg: dict) -> None:
 
     torch.manual_seed(cfg["seed"])
     ctx = ray.train.get_context()
-    device = get_device()  # batches arrive on it (CUDA when the worker has a GPU)
+    device = get_device()  # batches are moved to it (CUDA when the worker has a GPU)
     models = {k: m.to(device) for k, m in registry.fresh(cfg["seed"], cfg["inputs"]).items()}
     objective = Objective(models, threads=cfg.get("threads", 1))
     opt = optimizer(objective, cfg["lr"])
@@ -313,7 +320,7 @@ def train_loop(cfg: dict) -> None:
     for epoch in range(epoch0, cfg["epochs"]):
         sums = {k: [0.0, 0.0, 0] for k in PREDICTED_KINDS}
         mixing = []  # distinct sweeps in each training batch
-        for batch in epoch_batches(train_shard, cfg["batch_size"], cfg["shuffle_buffer"], cfg["seed"] + epoch):
+        for batch in epoch_batches(train_shard, cfg["batch_size"], cfg["shuffle_buffer"], cfg["seed"] + epoch, device):
             for k, got in train_step(objective, opt, batch).items():
                 sums[k] = [a + b for a, b in zip(sums[k], got)]
             mixing.append(len(torch.unique(batch["sweep"])))
