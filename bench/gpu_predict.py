@@ -40,7 +40,7 @@ def main() -> None:
     model.float()
     out = {}
     for name, layout in layouts.items():
-        chunk = getattr(layout, "CUDA_CHUNK", layout.CHUNK)  # as known.predict._chunk (not imported: it needs the collectors)
+        chunk = getattr(layout, "CUDA_CHUNK", layout.CHUNK)  # as known.predict.default_chunk (not imported: it needs the collectors)
         t = best_of(lambda: layout.step(w, rms, chunk, 1), sync=torch.cuda.synchronize)
         err = (layout.step(w[:100_000], rms[:100_000], chunk, 1) - want).abs().max().item()
         out[name] = {"step_s": round(t, 4), "ratio": None, "max_err_vs_float64": err}

@@ -19,7 +19,8 @@ from common import KNOWN_MACS, best_of, emit
 from known import registry
 from known.fast import FastKNOWN
 from known.model import segment_rms
-from known.predict import _chunk, _layout, _step
+from known.predict import _step, default_chunk
+from known.predict import layout as choose_layout
 
 def unfused(model, window: torch.Tensor, chunk: int) -> torch.Tensor:
     """``KNOWN.step`` chunk by chunk on torch's threads: the step before known/fast.py."""
@@ -49,15 +50,15 @@ def main() -> None:
     n = round((flops / 2) ** (1 / 3))  # an n×n @ n×n matmul of the same FLOPs
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     t_mm = best_of(lambda: a @ b, sync=sync)
-    layout = _layout(window, model)  # the layout _step runs
+    layout = choose_layout(window, model)  # the layout _step runs
     t_known = best_of(lambda: _step(window, "known", model, args.chunk, [args.params], args.threads), sync=sync)
     others = {}  # further layouts, each timed in this run
     if args.unfused:
-        others["unfused"] = best_of(lambda: unfused(model, window, args.chunk or _chunk(FastKNOWN, window)), sync=sync)
+        others["unfused"] = best_of(lambda: unfused(model, window, args.chunk or default_chunk(FastKNOWN, window)), sync=sync)
     if args.torch_layout:
         fast, rms = FastKNOWN(model).to(dev), segment_rms(window[:, -1], [args.params])
         threads = args.threads or (1 if dev.type == "cuda" else torch.get_num_threads())
-        others["torch_layout"] = best_of(lambda: fast.step(window, rms, args.chunk or _chunk(FastKNOWN, window), threads),
+        others["torch_layout"] = best_of(lambda: fast.step(window, rms, args.chunk or default_chunk(FastKNOWN, window), threads),
                                          sync=sync)
     t_mm = min(t_mm, best_of(lambda: a @ b, sync=sync))  # the matmul again, after: the faster of the two
     extra = {}
@@ -66,7 +67,7 @@ def main() -> None:
     emit("predict_speed", ratio=round(t_known / t_mm, 3), target="<= 2.0", known_step_s=round(t_known, 3),
          matmul_s=round(t_mm, 3), matmul_n=n, params=args.params, flops=flops,
          s_per_param=t_known / args.params, known_gflops=round(flops / t_known / 1e9, 1),
-         matmul_gflops=round(2 * n**3 / t_mm / 1e9, 1), layout=layout.__name__, chunk=args.chunk or _chunk(layout, window),
+         matmul_gflops=round(2 * n**3 / t_mm / 1e9, 1), layout=layout.__name__, chunk=args.chunk or default_chunk(layout, window),
          inputs=model.inputs, device=str(dev),
          threads=args.threads or (1 if dev.type == "cuda" else torch.get_num_threads()), **extra)
 

@@ -76,17 +76,17 @@ def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | N
           threads: int | None = None) -> torch.Tensor:
     """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it.
     ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA); ``chunk`` None: the
-    layout's default (``_layout`` picks it)."""
+    layout's default (``layout`` picks it)."""
     if method in baselines.METHODS:
         return baselines.predict(method, window)
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
-    layout = _layout(window, model)
-    return layout(model).to(window.device).step(window, rms, chunk or _chunk(layout, window), threads)
+    chosen = layout(window, model)
+    return chosen(model).to(window.device).step(window, rms, chunk or default_chunk(chosen, window), threads)
 
 
-def _layout(window: torch.Tensor, model: KNOWN):
+def layout(window: torch.Tensor, model: KNOWN):
     """The fastest KNOW step layout for these windows: the native kernel on the CPU, the Triton kernel on CUDA
     (float32, 5 stages, Triton installed), else the torch layout (known/fast.py)."""
     if native.runs(window, model):
@@ -100,9 +100,10 @@ def _layout(window: torch.Tensor, model: KNOWN):
     return FastKNOWN
 
 
-def _chunk(layout, window: torch.Tensor) -> int:
-    """``layout``'s default chunk for these windows: its CUDA chunk where it has one and they are on the GPU."""
-    return getattr(layout, "CUDA_CHUNK", layout.CHUNK) if window.is_cuda else layout.CHUNK
+def default_chunk(chosen, window: torch.Tensor) -> int:
+    """The layout ``chosen``'s default chunk for these windows: its CUDA chunk where it has one and they are on the
+    GPU."""
+    return getattr(chosen, "CUDA_CHUNK", chosen.CHUNK) if window.is_cuda else chosen.CHUNK
 
 
 def retrodict(

@@ -501,12 +501,12 @@ def test_triton_kernel_computes_known_step_in_triton_interpreter(tmp_path):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
 def test_the_step_layout_is_the_kernel_for_float32_on_the_cpu_and_torch_otherwise():
     from known.fast import FastKNOWN, NativeKNOWN
-    from known.predict import _layout
+    from known.predict import layout
 
     model, w, _ = _trained_like("rms")
-    assert _layout(w, model) is NativeKNOWN
-    assert _layout(w.double(), model.double()) is FastKNOWN  # the kernel reads float32 only
-    assert _layout(w[:, :4], KNOWN(n_stages=4)) is FastKNOWN  # and five stages
+    assert layout(w, model) is NativeKNOWN
+    assert layout(w.double(), model.double()) is FastKNOWN  # the kernel reads float32 only
+    assert layout(w[:, :4], KNOWN(n_stages=4)) is FastKNOWN  # and five stages
 
 
 def test_shuffled_batches_are_a_seeded_permutation_that_mixes_the_chunks():

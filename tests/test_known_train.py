@@ -262,6 +262,11 @@ def test_a_checkpoint_of_per_kind_optimisers_resumes_as_the_flat_one_would_have(
     want = torch.cat([p.detach().reshape(-1) for m in models.values() for p in m.parameters()])
     assert torch.allclose(objective.flat.detach(), want, atol=1e-7) and not torch.equal(want, torch.cat(
         [p.detach().reshape(-1) for m in registry.fresh(1).values() for p in m.parameters()]))
+    state = torch.load(tmp_path / "optimizers.pt", weights_only=True)
+    del state["bias"]["state"][3]  # a tensor without moments: the rest would land on the wrong parameters
+    torch.save(state, tmp_path / "optimizers.pt")
+    with pytest.raises(ValueError, match="covers 28267 parameters, the KNOWNs have 28275"):
+        train.restore(resumed, opt, str(tmp_path))
 
 
 def test_predictability_report_of_a_collected_meta_dataset_goes_to_file_and_mlflow(meta_root, tmp_path):
