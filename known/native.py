@@ -134,9 +134,11 @@ def _l1_grads(flats: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor, count
                                                        hi - lo, grads[j, offsets[k]:].data_ptr())  # ctypes releases the GIL
 
     others = [_pool(threads - 1).submit(part, j) for j in range(1, threads)]
-    part(0)
-    for f in others:
-        f.result()
+    try:
+        part(0)
+    finally:  # never leave threads writing into buffers nobody waits for
+        for f in others:
+            f.result()
     return losses.sum(0).tolist(), grads[0] if threads == 1 else grads.sum(0)
 
 

@@ -225,7 +225,7 @@ class Objective(nn.Module):
     two-worker step 1.6x slower than none; 78 tensors' accumulation and update cost 3 of a 7.6 ms step).
 
     The KNOWNs in ``models`` keep their parameters, as views of ``flat``: they are what is checkpointed,
-    validated and registered, and see every update (create the Objective after moving them to their device).
+    validated and registered, and see every update, also after the Objective is moved or converted.
     On the CPU the native kernel (known/native.py) takes the whole batch in one call, rows grouped by kind, on
     ``threads`` threads; elsewhere each kind's network runs in torch on its part of ``flat``."""
 
@@ -238,9 +238,19 @@ class Objective(nn.Module):
         self.threads = threads
         params = [p for m in models.values() for p in m.parameters()]
         self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+        self.sizes = [sum(p.numel() for p in m.parameters()) for m in models.values()]
+        self._share()
+
+    def _share(self) -> None:
+        """Point every KNOWN tensor at its part of ``flat``."""
+        params = [p for m in self.models.values() for p in m.parameters()]
         for p, view in zip(params, self.flat.detach().split([p.numel() for p in params])):
             p.data = view.view_as(p)
-        self.sizes = [sum(p.numel() for p in m.parameters()) for m in models.values()]
+
+    def _apply(self, fn, recurse=True):  # .to() / .double() / .cuda() replace ``flat``: the KNOWNs must follow it
+        out = super()._apply(fn, recurse)
+        self._share()
+        return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, rms: torch.Tensor, kind: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(Σ of the kinds' mean L1 losses, kind -> (loss, fraction beyond ±1, rows)) for the kinds in the batch."""

@@ -524,6 +524,36 @@ def test_shuffled_batches_are_a_seeded_permutation_that_mixes_the_chunks():
     assert torch.equal(rows, again) and not torch.equal(rows, other)
 
 
+def test_epoch_batches_shuffle_on_the_cpu_and_hand_batches_to_the_device():
+    from known.train import epoch_batches
+
+    class Shard:  # Ray Data's shard: records the device it was asked for (a CUDA worker's default is the GPU)
+        def __init__(self):
+            self.devices = []
+
+        def iter_torch_batches(self, batch_size, device):
+            self.devices.append((batch_size, device))
+            return iter([{"y": torch.arange(i * 200, (i + 1) * 200)} for i in range(3)])
+
+    shard = Shard()
+    batches = list(epoch_batches(shard, 32, 150, seed=0, device="meta"))
+    assert shard.devices == [(150, "cpu")] and sum(len(b["y"]) for b in batches) == 600
+    assert all(b["y"].device.type == "meta" for b in batches)
+
+
+def test_the_knowns_follow_the_objectives_parameter_when_it_is_moved_or_converted():
+    from known import registry
+    from known.train import Objective
+
+    models = registry.fresh(0, "rms")
+    objective = Objective(models).double()
+    weight = models["conv"].values.inp.weight
+    assert weight.dtype == torch.float64 and weight.untyped_storage().data_ptr() == objective.flat.untyped_storage().data_ptr()
+    with torch.no_grad():
+        objective.flat.zero_()
+    assert all(not p.any() for m in models.values() for p in m.parameters())
+
+
 def _ddp_rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from collectors.collect import collect
@@ -42,6 +43,9 @@ def test_windows_take_s_stages_least_data_first_and_the_next_stage_as_target(met
                           "safetensors": [_safetensors(sample)]})
     assert len(rows["y"]) == sum(len(w.y) for w in wins.values()) and rows["x"].shape[1] == 5
     assert set(rows) == {"x", "y", "rms", "kind", "sweep"} and len(set(rows["sweep"].tolist())) == 1
+    windows = np.concatenate([np.column_stack([w.x, w.y]) for w in wins.values()])  # every row once, in runs of 64
+    got = np.column_stack([rows["x"], rows["y"]])
+    assert len(got) % 64 and np.array_equal(got[np.lexsort(got.T)], windows[np.lexsort(windows.T)])
 
 
 def _safetensors(sample) -> bytes:
