@@ -82,8 +82,15 @@ def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | N
     rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
+    fast, default = stepper(model, window)
+    return fast.step(window, rms, chunk or default, threads)
+
+
+def stepper(model: KNOWN, window: torch.Tensor):
+    """KNOW prediction's step for windows like ``window``: (``layout``'s choice built for ``model`` on their
+    device, its default chunk), for prediction and for meta-training's validation."""
     chosen = layout(window, model)
-    return chosen(model).to(window.device).step(window, rms, chunk or default_chunk(chosen, window), threads)
+    return chosen(model).to(window.device), default_chunk(chosen, window)
 
 
 def layout(window: torch.Tensor, model: KNOWN):

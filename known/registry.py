@@ -37,7 +37,7 @@ def save_dir(models: dict[str, KNOWN], directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for kind in PREDICTED_KINDS:
         tmp = directory / f".{kind}.safetensors.tmp"
-        safetensors.torch.save_file({k: v.detach().cpu().clone() for k, v in models[kind].state_dict().items()}, str(tmp),
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in models[kind].state_dict().items()}, str(tmp),
                                     metadata={"inputs": models[kind].inputs})
         tmp.replace(directory / f"{kind}.safetensors")
     return directory

@@ -154,9 +154,8 @@ def validation_metrics(models: dict, batches) -> dict[str, float]:
         for k, model in models.items():
             mask = kind == KIND_IDS[k]
             if mask.any():
-                if k not in layouts:  # KNOW prediction's layout, built once per call (meta-v2's validation windows:
-                    chosen = predict.layout(x, model)  # 2.3 s through KNOWN.step, 0.7 s through the native kernel)
-                    layouts[k] = chosen(model).to(x.device), predict.default_chunk(chosen, x)
+                if k not in layouts:  # built once per call (meta-v2's validation windows: 2.3 s through
+                    layouts[k] = predict.stepper(model, x)  # KNOWN.step, 0.7 s through the native kernel)
                 layout, chunk = layouts[k]
                 errors.add(k, x[mask], y[mask], layout.step(x[mask], rms[mask], chunk))
     return errors.metrics()
@@ -241,11 +240,19 @@ class Objective(nn.Module):
         self.sizes = [sum(p.numel() for p in m.parameters()) for m in models.values()]
         self._share()
 
+    def _parts(self, flat: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per KNOWN, {parameter name: its view of ``flat``} (the parameter, or its detached data)."""
+        out = []
+        for model, part in zip(self.models.values(), flat.split(self.sizes)):
+            named = list(model.named_parameters())
+            out.append({n: v.view_as(p) for (n, p), v in zip(named, part.split([p.numel() for _, p in named]))})
+        return out
+
     def _share(self) -> None:
         """Point every KNOWN tensor at its part of ``flat``."""
-        params = [p for m in self.models.values() for p in m.parameters()]
-        for p, view in zip(params, self.flat.detach().split([p.numel() for p in params])):
-            p.data = view.view_as(p)
+        for model, views in zip(self.models.values(), self._parts(self.flat.detach())):
+            for name, p in model.named_parameters():
+                p.data = views[name]
 
     def _apply(self, fn, recurse=True):  # .to() / .double() / .cuda() replace ``flat``: the KNOWNs must follow it
         out = super()._apply(fn, recurse)
@@ -270,12 +277,10 @@ class Objective(nn.Module):
     def _torch(self, inputs: torch.Tensor, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each kind's mean L1 in torch, its KNOWN called with its part of ``flat`` (autograd reaches ``flat``)."""
         losses = []
-        for model, part, x_k, t_k in zip(self.models.values(), self.flat.split(self.sizes), inputs.split(counts),
-                                         t.split(counts)):
-            named = list(model.named_parameters())
-            params = {n: v.view_as(p) for (n, p), v in zip(named, part.split([p.numel() for _, p in named]))}
+        for model, params, x_k, t_k in zip(self.models.values(), self._parts(self.flat), inputs.split(counts),
+                                           t.split(counts)):
             residual = torch.func.functional_call(model, params, (x_k,))
-            losses.append((residual - t_k).abs().mean() if len(t_k) else part.new_zeros(()))
+            losses.append((residual - t_k).abs().mean() if len(t_k) else self.flat.new_zeros(()))
         return torch.stack(losses)
 
 
