@@ -99,7 +99,10 @@ def read(root: str) -> list[dict]:
     p = storage.join(path, FILENAME)
     if not storage.exists(fs, p):
         return []
-    table = pq.read_table(p, filesystem=fs)
+    # One open, then parse in memory: pyarrow's read_table stats the path and opens it again, so a writer's rename in
+    # between hands it the new file with the old size (a torn read: "Couldn't deserialize thrift").
+    with fs.open_input_file(p) as f:
+        table = pq.read_table(pa.BufferReader(f.read()))
     return [{**LEGACY_PROTOCOL, **row} if "stage_init" not in row else row for row in table.to_pylist()]
 
 
