@@ -110,7 +110,15 @@ def main() -> None:
                    help="also time train_step on batches already in memory, the kernel on THREADS threads (0: skip); "
                         "not a target configuration: it shows what the step does when its input costs nothing")
     args = p.parse_args()
-    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
+    for name in ("batch_size", "shuffle_buffer", "sweeps_per_block", "epochs", "bias_repeat"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
+    except ValueError:
+        p.error(f"--configs takes WORKERSxTHREADS such as 2x1, got {args.configs}")
+    if any(len(c) != 2 or min(c) < 1 for c in configs):
+        p.error(f"--configs takes WORKERSxTHREADS, each >= 1, got {args.configs}")
     import ray
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

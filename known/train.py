@@ -9,9 +9,10 @@ and feeds them to the training workers in batches through a shuffle buffer (``sh
 whatever the size of the meta-dataset. One KNOWN per kind (conv / linear / bias), L1 loss on the residual.
 Checkpoints every ``--checkpoint-every`` steps and at each epoch end; running the same command again (same
 ``--storage`` and ``--name``) resumes from the last checkpoint, and ``--max-failures`` lets Ray Train
-restart killed workers from it. A checkpoint taken mid-epoch resumes at the start of that epoch, with the
-checkpoint's weights (the batches before it are seen once more) and continues the same MLflow run (its id is
-kept in ``--storage/--name/mlflow_run.json``). Metrics go to MLflow, the meta-dataset is recorded as the run's
+restart killed workers from it. A checkpoint taken mid-epoch resumes within that epoch: its batches are read
+again and the ones the checkpoint had trained are skipped, so a resumed run takes the uninterrupted run's steps
+(the same batches when Ray Data delivers the epoch's blocks in the same order). It continues the same MLflow run
+(its id is kept in ``--storage/--name/mlflow_run.json``). Metrics go to MLflow, the meta-dataset is recorded as the run's
 dataset input (catalog sha256, sweeps by family × dataset); the checkpoint with the best validation relative L1
 (not the last) is registered as ``KNOWN`` and becomes ``champion`` only if it beats the champion on the same
 validation set (the champion is re-validated on this run's set when it was measured on another).
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import math
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,7 @@ SHUFFLE_ROWS = 262_144
 # 21.4 sweeps per batch after ``shuffled``
 RUN_ROWS = 64
 OPTIMIZER_FILE = "optimizer.pt"  # in a checkpoint, next to the KNOWNs' safetensors
+PROGRESS_FILE = "progress.json"  # and its ``Progress``
 RUN_FILE = "mlflow_run.json"  # next to Ray Train's checkpoints: the MLflow run a resumed training continues
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,8 @@ def shuffled(chunks: Iterable[dict], batch_size: int, buffer_rows: int, seed: in
     gen, pool = torch.Generator().manual_seed(seed), None
 
     def permuted(pool: dict) -> dict:  # numpy's take: 10 ns per row of x, torch's x[order] 61, index_select 19
-        order = torch.randperm(len(pool["y"]), generator=gen, dtype=torch.int32).numpy()
+        n = len(pool["y"])
+        order = torch.randperm(n, generator=gen, dtype=torch.int32 if n < 2**31 else torch.int64).numpy()
         return {k: torch.from_numpy(np.take(v.numpy(), order, axis=0)) for k, v in pool.items()}
 
     for chunk in chunks:
@@ -170,16 +175,33 @@ def best_checkpoint(results: list[tuple]) -> tuple:
     return min(scored, key=lambda cm: cm[1][METRIC])
 
 
-def _checkpoint_dir(models, opt, epoch: int, step: int, d: str) -> str:
+@dataclass
+class Progress:
+    """Where a checkpoint stands: ``batches`` of epoch ``epoch`` trained (0 at an epoch's end), ``step`` steps in
+    all, and that epoch's running train metrics (kind -> [Σ loss, Σ beyond ±1, rows]; [Σ sweeps per batch, batches]),
+    so a run resumed mid-epoch skips the batches it trained and still reports the whole epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    batches: int = 0
+    sums: dict = field(default_factory=lambda: {k: [0.0, 0.0, 0] for k in PREDICTED_KINDS})
+    mixing: list = field(default_factory=lambda: [0.0, 0])
+
+    def next_epoch(self) -> "Progress":
+        return Progress(self.epoch + 1, self.step)
+
+
+def _checkpoint_dir(models, opt, progress: Progress, d: str) -> str:
     registry.save_dir(models, d)
     torch.save(opt.state_dict(), Path(d) / OPTIMIZER_FILE)
-    (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step}))
+    (Path(d) / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
     return d
 
 
-def restore(models: dict, opt: torch.optim.Optimizer, d: str, device="cpu") -> tuple[int, int]:
+def restore(models: dict, opt: torch.optim.Optimizer, d: str, device="cpu") -> Progress:
     """Load a checkpoint folder written by ``_checkpoint_dir`` into ``models`` (in place: an ``Objective``'s
-    parameters see it) and ``opt`` (``optimizer``); (epoch, step)."""
+    parameters see it) and ``opt`` (``optimizer``); its ``Progress`` (older checkpoints kept no batch count: their
+    epoch restarts)."""
     for k, m in registry.load_dir(d).items():
         if m.inputs != models[k].inputs:  # same weights, other inputs: resuming would train nonsense
             raise ValueError(f"checkpoint {d} holds a {k} KNOWN with inputs={m.inputs!r}; this run trains "
@@ -190,8 +212,7 @@ def restore(models: dict, opt: torch.optim.Optimizer, d: str, device="cpu") -> t
     else:  # a checkpoint of the per-kind optimisers (before the flat parameter)
         old = torch.load(Path(d) / "optimizers.pt", map_location=device, weights_only=True)
         opt.load_state_dict(_flat_adam_state([old[k] for k in models], opt))
-    progress = json.loads((Path(d) / "progress.json").read_text())
-    return progress["epoch"], progress["step"]
+    return Progress(**json.loads((Path(d) / PROGRESS_FILE).read_text()))
 
 
 def _flat_adam_state(per_kind: list[dict], opt: torch.optim.Optimizer) -> dict:
@@ -309,45 +330,45 @@ def train_loop(cfg: dict) -> None:
     models = {k: m.to(device) for k, m in registry.fresh(cfg["seed"], cfg["inputs"]).items()}
     objective = Objective(models, threads=cfg.get("threads", 1))
     opt = optimizer(objective, cfg["lr"])
-    epoch0, step = 0, 0
+    progress = Progress()
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume: weights, optimiser state and progress of the last checkpoint
         with ckpt.as_directory() as d:
-            epoch0, step = restore(models, opt, d, device)
-    resumed_from = step  # reported with every metric, so a resumed run is visible as one
+            progress = restore(models, opt, d, device)
+    resumed_from = progress.step  # reported with every metric, so a resumed run is visible as one
     if ctx.get_world_size() > 1:
         from ray.train.torch import prepare_model
 
         objective = prepare_model(objective)
     mlflow = MlflowClient(cfg["tracking_uri"]) if ctx.get_world_rank() == 0 and cfg.get("run_id") else None
 
-    def report(metrics: dict, epoch: int) -> None:
+    def report(metrics: dict, at: Progress) -> None:
         if mlflow:
-            mlflow.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()])
+            mlflow.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), 0, at.step) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as d:
-            ck = ray.train.Checkpoint.from_directory(_checkpoint_dir(models, opt, epoch, step, d)) if ctx.get_world_rank() == 0 else None
-            ray.train.report({**metrics, RANK: metrics.get(METRIC, UNMEASURED), "step": step, "epoch": epoch,
+            ck = ray.train.Checkpoint.from_directory(_checkpoint_dir(models, opt, at, d)) if ctx.get_world_rank() == 0 else None
+            ray.train.report({**metrics, RANK: metrics.get(METRIC, UNMEASURED), "step": at.step, "epoch": at.epoch,
                               "resumed_from_step": resumed_from}, checkpoint=ck)
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
-    def train_metrics(sums: dict, mixing: list) -> dict:
-        out = {f"train_l1_{k}": s / max(n, 1) for k, (s, _, n) in sums.items()}
-        out |= {f"train_beyond_range_{k}": o / max(n, 1) for k, (_, o, n) in sums.items()}
-        return out | {"sweeps_per_batch": float(np.mean(mixing)) if mixing else 0.0}
+    def train_metrics(p: Progress) -> dict:
+        out = {f"train_l1_{k}": s / max(n, 1) for k, (s, _, n) in p.sums.items()}
+        out |= {f"train_beyond_range_{k}": o / max(n, 1) for k, (_, o, n) in p.sums.items()}
+        return out | {"sweeps_per_batch": p.mixing[0] / max(p.mixing[1], 1)}  # distinct sweeps in a batch
 
-    for epoch in range(epoch0, cfg["epochs"]):
-        sums = {k: [0.0, 0.0, 0] for k in PREDICTED_KINDS}
-        mixing = []  # distinct sweeps in each training batch
-        for batch in epoch_batches(train_shard, cfg["batch_size"], cfg["shuffle_buffer"], cfg["seed"] + epoch, device):
+    while progress.epoch < cfg["epochs"]:
+        batches = epoch_batches(train_shard, cfg["batch_size"], cfg["shuffle_buffer"], cfg["seed"] + progress.epoch, device)
+        for batch in itertools.islice(batches, progress.batches, None):  # those before a resumed checkpoint: skipped
             for k, got in train_step(objective, opt, batch).items():
-                sums[k] = [a + b for a, b in zip(sums[k], got)]
-            mixing.append(len(torch.unique(batch["sweep"])))
-            step += 1
-            if step % cfg["checkpoint_every"] == 0:
-                report(train_metrics(sums, mixing), epoch)
-        val = validation_metrics(models, val_shard.iter_torch_batches(batch_size=cfg["batch_size"]))
-        report({**train_metrics(sums, mixing), **val}, epoch + 1)
+                progress.sums[k] = [a + b for a, b in zip(progress.sums[k], got)]
+            progress.mixing = [progress.mixing[0] + len(torch.unique(batch["sweep"])), progress.mixing[1] + 1]
+            progress.step, progress.batches = progress.step + 1, progress.batches + 1
+            if progress.step % cfg["checkpoint_every"] == 0:
+                report(train_metrics(progress), progress)
+        metrics = {**train_metrics(progress), **validation_metrics(models, val_shard.iter_torch_batches(batch_size=cfg["batch_size"]))}
+        progress = progress.next_epoch()
+        report(metrics, progress)
 
 
 def training_rows(done: list[dict], keep_unlearned: bool = False) -> list[dict]:

@@ -179,9 +179,11 @@ def _registered_checkpoint(run_dir) -> bool:
         return False
 
 
-def test_killed_training_resumes_from_its_checkpoint_and_ends_within_noise(meta_root, tmp_path):
+def test_killed_training_resumes_from_its_checkpoint_and_ends_where_the_uninterrupted_run_ends(meta_root, tmp_path):
     """Failure suite case 5: SIGKILL the whole training job (driver, Ray, workers) once a checkpoint exists;
-    the same command resumes from it, and its final validation is within noise of an uninterrupted run."""
+    the same command resumes from it, skips the batches the checkpoint had trained and ends where an
+    uninterrupted run ends. When a resume replayed its epoch's first batches, it ended 2-12% worse (4 of 4 runs),
+    across the noise between seeds (0.78-0.86 for seeds 0-4); skipping them it ended bit-identical (seeds 0-2)."""
     import os
     import signal
     import subprocess
@@ -208,8 +210,8 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_within_noise(meta_
     assert full.returncode == 0, full.stderr[-3000:]
     a, b = _final(resumed.stdout), _final(full.stdout)
     assert a["resumed_from_step"] > 0  # it did not start over
-    assert a["step"] >= b["step"]  # a mid-epoch checkpoint replays the start of its epoch (module docstring)
-    assert abs(a["val_rel_l1_known"] - b["val_rel_l1_known"]) <= 0.1 * b["val_rel_l1_known"]
+    assert a["step"] == b["step"]  # no batch trained twice, none left out
+    assert a["val_rel_l1_known"] == pytest.approx(b["val_rel_l1_known"], rel=1e-3)  # (margin: summation order)
 
 
 def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
@@ -222,11 +224,13 @@ def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
     opt = train.optimizer(objective, lr=1e-3)
     objective.flat.grad = torch.randn_like(objective.flat)
     opt.step()
-    train._checkpoint_dir(models, opt, epoch=2, step=37, d=str(tmp_path))
+    progress = train.Progress(epoch=2, step=37, batches=5, mixing=[31.0, 5])
+    progress.sums["bias"] = [1.5, 0.25, 80]
+    train._checkpoint_dir(models, opt, progress, d=str(tmp_path))
     again = registry.fresh(2)
     objective2 = train.Objective(again)
     opt2 = train.optimizer(objective2, lr=1e-3)
-    assert train.restore(again, opt2, str(tmp_path)) == (2, 37)
+    assert train.restore(again, opt2, str(tmp_path)) == progress  # mid-epoch: 5 batches to skip, their metrics
     assert all(torch.equal(again["conv"].state_dict()[n], t) for n, t in models["conv"].state_dict().items())
     assert torch.equal(objective2.flat, objective.flat)  # the models' parameters are views of the trained one
     assert torch.equal(opt2.state[objective2.flat]["exp_avg"], opt.state[objective.flat]["exp_avg"])
@@ -258,7 +262,7 @@ def test_a_checkpoint_of_per_kind_optimisers_resumes_as_the_flat_one_would_have(
     resumed = registry.fresh(2)
     objective = train.Objective(resumed)
     opt = train.optimizer(objective, lr=1e-3)
-    assert train.restore(resumed, opt, str(tmp_path)) == (1, 2)
+    assert train.restore(resumed, opt, str(tmp_path)) == train.Progress(epoch=1, step=2)  # no batch count: epoch 1 restarts
     for o in opts.values():  # the old optimisers' third step
         o.step()
     objective.flat.grad = torch.cat([g.reshape(-1) for g in grads])
@@ -287,3 +291,39 @@ def test_predictability_report_of_a_collected_meta_dataset_goes_to_file_and_mlfl
     assert f"| {label} | conv | 6 (" in text and "KNOWN shipped" in text and "Regenerate: `python -m meta.predictability" in text
     [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("predictability").experiment_id])
     assert 0 < run.data.metrics[f"{label}.conv.oracle"] <= 1.01 * run.data.metrics[f"{label}.conv.oracle-delta"]  # (IRLS fits)
+
+
+@pytest.mark.parametrize("inputs", ["raw", "scaled", "rms"])
+def test_validation_metrics_are_known_steps_relative_l1(inputs):
+    """The workers' validation (KNOW's native layout, built once per call) scores what ``KNOWN.step`` predicts,
+    per kind and overall, also on a batch that lacks a kind."""
+    import torch
+
+    from known.model import PREDICTED_KINDS
+
+    models = registry.fresh(7, inputs)
+    with torch.no_grad():  # away from the near-identity initialisation, so the residual matters
+        for m in models.values():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n, kinds):
+        x = torch.randn(n, 5, generator=gen).cumsum(1) * 0.01
+        return {"x": x, "y": x[:, -1] + 0.01 * torch.randn(n, generator=gen), "rms": 0.05 + torch.rand(n, generator=gen),
+                "kind": torch.tensor(kinds)[torch.randint(len(kinds), (n,), generator=gen)]}
+
+    ids = train.KIND_IDS
+    batches = [batch(900, [ids[k] for k in PREDICTED_KINDS]), batch(300, [ids["conv"], ids["bias"]])]
+    got = train.validation_metrics(models, batches)
+    err, step = {k: 0.0 for k in PREDICTED_KINDS}, {k: 0.0 for k in PREDICTED_KINDS}
+    for b in batches:
+        for k in PREDICTED_KINDS:
+            m = b["kind"] == ids[k]
+            with torch.no_grad():
+                err[k] += (models[k].step(b["x"][m], b["rms"][m]) - b["y"][m]).abs().sum().item()
+            step[k] += (b["x"][m][:, -1] - b["y"][m]).abs().sum().item()
+    for k in PREDICTED_KINDS:
+        assert got[f"val_rel_l1_known_{k}"] == pytest.approx(err[k] / step[k], rel=1e-5)
+    assert got["val_rel_l1_known"] == pytest.approx(sum(err.values()) / sum(step.values()), rel=1e-5)
+    assert abs(got["val_rel_l1_known"] - 1) > 0.01  # the models' residuals moved the prediction off Θ0
