@@ -6,7 +6,8 @@
 Sweeps are split into train / validation by sweep id (never by scalar). Ray Data reads the shards (safe
 decoder, files shuffled), turns every sweep into windows (one row per scalar: 5 inputs, 1 target, kind)
 and feeds them to the training workers in batches through a shuffle buffer (``shuffled``), so memory stays bounded
-whatever the size of the meta-dataset. One KNOWN per kind (conv / linear / bias), L1 loss on the residual.
+whatever the size of the meta-dataset; each worker validates its share of the validation windows
+(``known.ingest.Ingest``). One KNOWN per kind (conv / linear / bias), L1 loss on the residual.
 Checkpoints every ``--checkpoint-every`` steps and at each epoch end; running the same command again (same
 ``--storage`` and ``--name``) resumes from the last checkpoint, and ``--max-failures`` lets Ray Train
 restart killed workers from it. A checkpoint taken mid-epoch resumes within that epoch: its batches are read
@@ -136,6 +137,17 @@ class ErrorSums:
         self.sums[(kind, "linearfit")] += (baselines.predict("linearfit", x) - y).abs().sum().item()
         self.sums[(kind, "step")] += (x[:, -1] - y).abs().sum().item()
 
+    def merged(self, device) -> "ErrorSums":
+        """These sums added over the process group's ranks, each of which validated its own split of the windows
+        (``Ingest``); the tensor lives on ``device`` (NCCL reduces CUDA tensors only)."""
+        import torch.distributed as dist
+
+        keys = list(self.sums)
+        total = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        self.sums = dict(zip(keys, total.tolist()))
+        return self
+
     def metrics(self) -> dict[str, float]:
         out = {}
         for m in self.METHODS:
@@ -150,9 +162,10 @@ class ErrorSums:
 
 
 @torch.no_grad()
-def validation_metrics(models: dict, batches) -> dict[str, float]:
+def validation_metrics(models: dict, batches, across_ranks: bool = False) -> dict[str, float]:
     """``ErrorSums.metrics`` of ``models`` over validation ``batches``: run on the workers at each epoch end and
-    on the driver to re-validate the champion on this run's validation set."""
+    on the driver to re-validate the champion on this run's validation set. ``across_ranks``: ``batches`` are
+    this rank's split, and the metrics are those of every rank's batches together."""
     errors, layouts = ErrorSums(), {}
     for batch in batches:
         x, y, rms, kind = batch["x"].float(), batch["y"].float(), batch["rms"].float(), batch["kind"]
@@ -163,6 +176,8 @@ def validation_metrics(models: dict, batches) -> dict[str, float]:
                     layouts[k] = predict.stepper(model, x)  # KNOWN.step, 0.7 s through the native kernel)
                 layout, chunk = layouts[k]
                 errors.add(k, x[mask], y[mask], layout.step(x[mask], rms[mask], chunk))
+    if across_ranks:
+        errors.merged(next(next(iter(models.values())).parameters()).device)
     return errors.metrics()
 
 
@@ -366,7 +381,9 @@ def train_loop(cfg: dict) -> None:
             progress.step, progress.batches = progress.step + 1, progress.batches + 1
             if progress.step % cfg["checkpoint_every"] == 0:
                 report(train_metrics(progress), progress)
-        metrics = {**train_metrics(progress), **validation_metrics(models, val_shard.iter_torch_batches(batch_size=cfg["batch_size"]))}
+        val = validation_metrics(models, val_shard.iter_torch_batches(batch_size=cfg["batch_size"]),
+                                 across_ranks=ctx.get_world_size() > 1)  # each rank validated its split (Ingest)
+        metrics = {**train_metrics(progress), **val}
         progress = progress.next_epoch()
         report(metrics, progress)
 
@@ -536,26 +553,28 @@ def _fit_and_register(args, uri: str, run_id: str, train_ids: set[str], val_ids:
     import mlflow
     import ray
     from ray.data import FileShuffleConfig
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    def dataset(ids, repeat=None):
+    from known.ingest import Ingest
+
+    def dataset(ids, sweeps_per_block, repeat=None):
         return readers.ray_dataset(args.shards, where=lambda r: r["sweep_id"] in ids,
                                    shuffle=FileShuffleConfig(seed=args.seed)).map_batches(
-            to_rows, batch_size=args.sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
+            to_rows, batch_size=sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
 
     cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "inputs": args.inputs,
            "threads": max(1, int(args.cpus_per_worker)),  # the native kernel's threads: the CPUs the worker reserved
            "shuffle_buffer": args.shuffle_buffer, "checkpoint_every": args.checkpoint_every,
            "tracking_uri": uri, "run_id": run_id}
-    val = dataset(val_ids)  # validation counts every scalar once
+    val = dataset(val_ids, 1)  # every scalar once; a block per sweep, so that the workers can share the validation
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=wants_gpu(args.use_gpu, ray.cluster_resources()),
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
-        datasets={"train": dataset(train_ids, {"bias": args.bias_repeat}), "val": val},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets={"train": dataset(train_ids, args.sweeps_per_block, {"bias": args.bias_repeat}), "val": val},
+        dataset_config=Ingest(),
         run_config=RunConfig(name=args.name, storage_path=storage.normalize(args.storage),
                              failure_config=FailureConfig(max_failures=args.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=RANK,

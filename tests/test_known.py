@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -559,7 +560,7 @@ def _ddp_rank(rank: int, store: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from known import registry
-    from known.train import KIND_IDS, Objective, optimizer, train_step
+    from known.train import KIND_IDS, Objective, optimizer, train_step, validation_metrics
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different batches on each rank
@@ -572,15 +573,31 @@ def _ddp_rank(rank: int, store: str, out: str) -> None:
                  "kind": torch.tensor([KIND_IDS["conv"], KIND_IDS["linear"]], dtype=torch.int8)[torch.randint(0, 2, (n,))]}
         train_step(wrapped, opt, batch)
     torch.save({k: m.state_dict() for k, m in models.items()}, f"{out}/rank{rank}.pt")
+    mine = _validation_batches()[rank::2]  # each rank validates its split, unequal in rows
+    (Path(out) / f"val{rank}.json").write_text(json.dumps(validation_metrics(models, mine, across_ranks=True)))
     dist.destroy_process_group()
 
 
-def test_data_parallel_training_keeps_every_ranks_knowns_equal(tmp_path):
+def _validation_batches() -> list[dict]:
+    from known.train import KIND_IDS
+
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for n in (700, 300, 500):
+        x = torch.randn(n, 5, generator=gen).cumsum(1) * 0.02
+        out.append({"x": x, "y": x[:, -1] + 0.01 * torch.randn(n, generator=gen), "rms": torch.full((n,), 0.04),
+                    "kind": torch.tensor(list(KIND_IDS.values()), dtype=torch.int8)[torch.randint(0, 3, (n,), generator=gen)]})
+    return out
+
+
+def test_data_parallel_training_keeps_every_ranks_knowns_equal_and_validates_split(tmp_path):
     """The KNOWNs' parameters are views of the Objective's flat parameter: DDP's first broadcast and every
-    averaged step must reach them, so that the checkpointed and validated models are the trained ones."""
+    averaged step must reach them, so that the checkpointed and validated models are the trained ones. Each rank
+    validates its own split of the windows and reports the metrics of all of them."""
     import torch.multiprocessing as mp
 
     from known import registry
+    from known.train import validation_metrics
 
     mp.spawn(_ddp_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -588,3 +605,10 @@ def test_data_parallel_training_keeps_every_ranks_knowns_equal(tmp_path):
     assert all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
     moved = {k for k in a if not all(torch.equal(a[k][n], start[k][n]) for n in a[k])}
     assert moved == {"conv", "linear"}  # trained from rank 0's start; no bias rows, so the bias KNOWN stayed
+    models = registry.fresh(0, "rms")
+    for k, m in models.items():
+        m.load_state_dict(a[k])
+    whole = validation_metrics(models, _validation_batches())  # one process, every batch
+    for r in (0, 1):  # every rank reports the metrics of both splits together
+        got = json.loads((tmp_path / f"val{r}.json").read_text())
+        assert got.keys() == whole.keys() and all(got[k] == pytest.approx(whole[k], rel=1e-9) for k in whole)

@@ -10,7 +10,7 @@ from collectors.config import sample_specs
 from conftest import tiny_config
 from known import registry, train
 from known.windows import is_validation, sweep_windows, window_targets
-from meta import readers
+from meta import catalog, readers
 
 pytestmark = pytest.mark.ray
 
@@ -327,3 +327,62 @@ def test_validation_metrics_are_known_steps_relative_l1(inputs):
         assert got[f"val_rel_l1_known_{k}"] == pytest.approx(err[k] / step[k], rel=1e-5)
     assert got["val_rel_l1_known"] == pytest.approx(sum(err.values()) / sum(step.values()), rel=1e-5)
     assert abs(got["val_rel_l1_known"] - 1) > 0.01  # the models' residuals moved the prediction off Θ0
+
+
+def test_ingest_splits_validation_among_workers_without_dropping_a_window(ray_local):
+    import threading
+
+    from known.ingest import Ingest
+
+    ds = ray_local.data.range(1001, override_num_blocks=7)
+    val = [split["val"] for split in Ingest().configure({"val": ds}, 2, None, None)]
+    rows = [[], []]
+
+    def take(i):  # the splits stream together, as on the workers
+        rows[i] = [r["id"] for r in val[i].iter_rows()]
+
+    readers_ = [threading.Thread(target=take, args=(i,)) for i in (0, 1)]
+    for t in readers_:
+        t.start()
+    for t in readers_:
+        t.join(timeout=120)
+    assert sorted(rows[0] + rows[1]) == list(range(1001))  # every window once, the odd one too
+    [one] = Ingest().configure({"val": ds}, 1, None, None)
+    assert sorted(r["id"] for r in one["val"].iter_rows()) == list(range(1001))
+    train_splits = [s["train"] for s in Ingest().configure({"train": ds}, 2, None, None)]
+    counts = [0, 0]
+
+    def count(i):
+        counts[i] = sum(1 for _ in train_splits[i].iter_rows())
+
+    readers_ = [threading.Thread(target=count, args=(i,)) for i in (0, 1)]
+    for t in readers_:
+        t.start()
+    for t in readers_:
+        t.join(timeout=120)
+    assert counts == [500, 500]  # training splits stay equal (DDP's ranks step together): Ray drops the odd row
+
+
+def test_two_workers_validate_their_splits_and_report_every_window(meta_root, tmp_path):
+    """A two-worker job: each worker validates half the windows; the reported validation is that of the whole
+    validation set, as the driver measures it on the same checkpoint."""
+    import os
+    import subprocess
+
+    import torch
+
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    cmd = _train_cmd(meta_root, tmp_path, "two", epochs=2) + ["--num-workers", "2", "--cpus-per-worker", "0.5"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = _final(done.stdout)
+    [last] = [d for d in (tmp_path / "train" / "two").glob("checkpoint_*") if d.is_dir()
+              if json.loads((d / train.PROGRESS_FILE).read_text())["epoch"] == 2]
+    models = registry.load_dir(last)
+    _, val_ids = train.split(train.training_rows([r for r in catalog.read(str(meta_root)) if r["status"] == "done"],
+                                                 keep_unlearned=True), 0.34)
+    val = readers.ray_dataset(str(meta_root), where=lambda r: r["sweep_id"] in val_ids).map_batches(train.to_rows, batch_size=16)
+    with torch.no_grad():
+        want = train.validation_metrics(models, val.iter_torch_batches(batch_size=1024))
+    for k in ("val_rel_l1_known", "val_rel_l1_known_conv", "val_rel_l1_taskvector"):
+        assert final[k] == pytest.approx(want[k], rel=1e-5), k
