@@ -329,38 +329,33 @@ def test_validation_metrics_are_known_steps_relative_l1(inputs):
     assert abs(got["val_rel_l1_known"] - 1) > 0.01  # the models' residuals moved the prediction off Θ0
 
 
-def test_ingest_splits_validation_among_workers_without_dropping_a_window(ray_local):
+def _read_together(splits) -> list[list[int]]:
+    """Each split's row ids, the splits read at once (a streaming split serves its readers together)."""
     import threading
 
+    rows = [[] for _ in splits]
+
+    def take(i):
+        rows[i] = [r["id"] for r in splits[i].iter_rows()]
+
+    readers_ = [threading.Thread(target=take, args=(i,)) for i in range(len(splits))]
+    for t in readers_:
+        t.start()
+    for t in readers_:
+        t.join(timeout=120)
+    return rows
+
+
+def test_ingest_splits_validation_among_workers_without_dropping_a_window(ray_local):
     from known.ingest import Ingest
 
     ds = ray_local.data.range(1001, override_num_blocks=7)
-    val = [split["val"] for split in Ingest().configure({"val": ds}, 2, None, None)]
-    rows = [[], []]
-
-    def take(i):  # the splits stream together, as on the workers
-        rows[i] = [r["id"] for r in val[i].iter_rows()]
-
-    readers_ = [threading.Thread(target=take, args=(i,)) for i in (0, 1)]
-    for t in readers_:
-        t.start()
-    for t in readers_:
-        t.join(timeout=120)
-    assert sorted(rows[0] + rows[1]) == list(range(1001))  # every window once, the odd one too
+    val = _read_together([split["val"] for split in Ingest().configure({"val": ds}, 2, None, None)])
+    assert sorted(val[0] + val[1]) == list(range(1001))  # every window once, the odd one too
     [one] = Ingest().configure({"val": ds}, 1, None, None)
     assert sorted(r["id"] for r in one["val"].iter_rows()) == list(range(1001))
-    train_splits = [s["train"] for s in Ingest().configure({"train": ds}, 2, None, None)]
-    counts = [0, 0]
-
-    def count(i):
-        counts[i] = sum(1 for _ in train_splits[i].iter_rows())
-
-    readers_ = [threading.Thread(target=count, args=(i,)) for i in (0, 1)]
-    for t in readers_:
-        t.start()
-    for t in readers_:
-        t.join(timeout=120)
-    assert counts == [500, 500]  # training splits stay equal (DDP's ranks step together): Ray drops the odd row
+    training = _read_together([split["train"] for split in Ingest().configure({"train": ds}, 2, None, None)])
+    assert [len(t) for t in training] == [500, 500]  # equal (DDP's ranks step together): Ray drops the odd row
 
 
 def test_two_workers_validate_their_splits_and_report_every_window(meta_root, tmp_path):
