@@ -25,7 +25,7 @@ import torch
 from common import KNOWN_MACS, best_of, emit
 
 from known import registry
-from known.train import SHUFFLE_ROWS, Objective, epoch_batches, optimizer, to_rows, train_step
+from known.train import SHUFFLE_ROWS, Objective, epoch_batches, optimizer, require_counts, to_rows, train_step
 from meta import catalog, readers
 
 FLOPS_PER_ROW = 6 * KNOWN_MACS
@@ -110,9 +110,7 @@ def main() -> None:
                    help="also time train_step on batches already in memory, the kernel on THREADS threads (0: skip); "
                         "not a target configuration: it shows what the step does when its input costs nothing")
     args = p.parse_args()
-    for name in ("batch_size", "shuffle_buffer", "sweeps_per_block", "epochs", "bias_repeat"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_counts(p, args, ("batch_size", "shuffle_buffer", "sweeps_per_block", "epochs", "bias_repeat"))
     try:
         configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
     except ValueError:

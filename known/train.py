@@ -401,6 +401,13 @@ def split(rows: list[dict], val_fraction: float, train_fraction: float = 1.0) ->
     return train, val
 
 
+def require_counts(p: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
+    """Exit through ``p.error`` (usage and a one-line message) if one of the flags ``names`` is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m known.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -437,9 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train on GPUs (default: when the Ray cluster has any, whatever the driver's machine has)")
     p.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs even on a cluster with GPUs")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "checkpoint_every", "num_workers", "shuffle_buffer", "bias_repeat", "sweeps_per_block"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_counts(p, args, ("epochs", "batch_size", "checkpoint_every", "num_workers", "shuffle_buffer", "bias_repeat",
+                             "sweeps_per_block"))
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if not 0 < args.train_fraction <= 1:
