@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script (`python collectors/launch.py`)
 
 from collectors import data  # noqa: E402
 from collectors.config import ConfigError, load_config, sample_specs  # noqa: E402
-from meta import status, storage  # noqa: E402
+from meta import catalog, status, storage  # noqa: E402
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.unverified_cifar10 or config.data.unverified_cifar10)
         data.preflight(config.space.datasets, settings)  # opens each dataset as the workers will
         storage.check_writable(args.out)
+        catalog.read(args.out)  # what a resume appends to: a corrupt one stops here, untouched
     except (ConfigError, data.DataError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

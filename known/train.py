@@ -520,7 +520,11 @@ def _start_run(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    done = [r for r in catalog.read(args.shards) if r["status"] == "done"]
+    try:
+        done = [r for r in catalog.read(args.shards) if r["status"] == "done"]
+    except storage.StorageError as e:  # an unreachable location, a corrupt catalog
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = training_rows(done, args.keep_unlearned)
     if not rows:
         print(f"error: no done sweeps{' that learned' if done else ''} in {args.shards}/{catalog.FILENAME}", file=sys.stderr)

@@ -102,7 +102,11 @@ def read(root: str) -> list[dict]:
     # One open, then parse in memory: pyarrow's read_table stats the path and opens it again, so a writer's rename in
     # between hands it the new file with the old size (a torn read: "Couldn't deserialize thrift").
     with fs.open_input_file(p) as f:
-        table = pq.read_table(pa.BufferReader(f.read()))
+        data = f.read()
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowInvalid as e:  # parsed from memory, pyarrow's message names no file: name it
+        raise storage.StorageError(f"{root}: {FILENAME} is not a readable catalog ({e})") from e
     return [{**LEGACY_PROTOCOL, **row} if "stage_init" not in row else row for row in table.to_pylist()]
 
 

@@ -64,6 +64,19 @@ def test_unwritable_output_is_refused(capsys, tmp_path, cfg_file, fake_root):
     assert code == 2 and "not writable" in err
 
 
+def test_a_corrupt_catalog_is_refused_before_ray_starts_and_kept(capsys, tmp_path, cfg_file, fake_root):
+    from known import train
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "catalog.parquet").write_bytes(b"not parquet")
+    code, err = _run(capsys, "--config", str(cfg_file), "--out", str(out), "--data-root", str(fake_root),
+                     "--unverified-cifar10")
+    assert code == 2 and str(out) in err and "not a readable catalog" in err
+    assert train.main(["--shards", str(out)]) == 2 and "not a readable catalog" in capsys.readouterr().err
+    assert (out / "catalog.parquet").read_bytes() == b"not parquet"  # nothing overwritten
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
