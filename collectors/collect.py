@@ -5,9 +5,12 @@ Failure model (what a user is promised; the rules themselves live in ``collector
   worker up to ``max_retries`` times, then recorded as failed with the reason; sweeps the dead worker had
   finished but not yet published in a shard are simply run again;
 - a diverging sweep (NaN/inf) is recorded as failed and never written;
-- a sweep is ``done`` only once the shard holding it is published, and the catalog is rewritten after that,
-  so killing the driver loses at most unpublished work; the next run adopts shards published after the last
-  catalog write (from their JSON records) and redoes only what is missing.
+- a sweep is ``done`` only once the shard holding it is published, and its catalog row is committed after that
+  (``meta.catalog.Appender``: a small part per commit, off the scheduler's thread), so killing the driver loses
+  at most unpublished work; the next run adopts shards published after the last commit (from their JSON
+  records) and redoes only what is missing;
+- a resume checks every catalogued shard's size against the catalog (``meta.verify.check``): a damaged or
+  missing shard is moved aside to ``damaged/`` and its sweeps are run again.
 
 Elastic: the pool is sized by the request (``num_workers``), not by the cluster's CPUs at the start. Every
 worker is requested up front; one that cannot be placed yet waits for the autoscaler and gets work only once
@@ -35,7 +38,7 @@ from collectors.config import SweepSpec, WorkerSettings
 from collectors.data import DataError, DataSettings
 from collectors.policy import Fault, FaultKind, WorkerAction
 from collectors.sweep import SweepDiverged, run_sweep, to_record
-from meta import catalog, storage
+from meta import catalog, storage, verify
 from meta.shards import ShardError, ShardInfo, ShardWriter, encode_sample, iter_shard
 
 log = logging.getLogger(__name__)
@@ -73,9 +76,10 @@ def _worker_logger(prefix: str) -> logging.Logger:
 class SweepWorker:
     """Runs sweeps one at a time and appends them to its own shard series under ``out/shards``."""
 
-    def __init__(self, out: str, prefix: str, settings: DataSettings, threads: int, max_bytes: int, max_seconds: float, chaos_spec: str | None):
+    def __init__(self, out: str, prefix: str, settings: DataSettings, threads: int, max_bytes: int, max_seconds: float,
+                 chaos_spec: str | None, runner=run_sweep):
         torch.set_num_threads(threads)  # workers x threads <= cores: two workers never fight over a core
-        self.settings, self.prefix, self.chaos = settings, prefix, chaos_spec
+        self.settings, self.prefix, self.chaos, self.runner = settings, prefix, chaos_spec, runner
         self.log = _worker_logger(prefix)
         self.writer = ShardWriter(storage.join(out, catalog.SHARDS_DIR), prefix, max_bytes, max_seconds)
 
@@ -93,7 +97,7 @@ class SweepWorker:
             chaos.maybe_kill(self.chaos, sid, m.stage)
 
         try:
-            result = run_sweep(spec, self.settings, on_stage=on_stage)
+            result = self.runner(spec, self.settings, on_stage=on_stage)
         except (SweepDiverged, DataError, ValueError) as e:
             return SweepOutcome(sid, error=f"{type(e).__name__}: {e}")
         record = to_record(result)
@@ -122,12 +126,15 @@ class Summary:
     requested: int
     skipped: int  # already done (or failed, without --retry-failed) before this run
     adopted: int  # recovered from shards a crashed run published but did not catalog
-    done: int = 0
+    done: int = 0  # published and catalogued this run
     failed: int = 0
+    completed: int = 0  # returned by a worker this run (published or not yet)
     failures: Counter = field(default_factory=Counter)  # why, this run
     earlier_failures: Counter = field(default_factory=Counter)  # why, sweeps an earlier run failed (not retried)
+    damaged: list = field(default_factory=list)  # meta.verify.Damage of shards found damaged, with where they went
     bytes_written: int = 0
     total_bytes: int = 0
+    catalog_bytes: int = 0  # written to the catalog this run (parts and merges)
     wall_s: float = 0.0
 
     @property
@@ -142,6 +149,9 @@ class Summary:
             f"{self.done} done now, {self.failed} failed now",
             f"  bytes written this run: {self.bytes_written:,}; meta-dataset shards in total: {self.total_bytes:,}",
         ]
+        lines += [f"  damaged shard {d.shard} ({d.why}): its {len(d.sweeps)} sweeps were run again; the file is kept as "
+                  f"{where}" if where else f"  missing shard {d.shard}: its {len(d.sweeps)} sweeps were run again"
+                  for d, where in self.damaged]
         lines += [f"  failed x{n}: {why}" for why, n in self.failures.most_common()]
         lines += [f"  failed in an earlier run x{n}: {why} (--retry-failed runs them again)"
                   for why, n in self.earlier_failures.most_common()]
@@ -152,13 +162,30 @@ def _first_line(error: str) -> str:
     return error.splitlines()[0][:200] if error else "?"
 
 
-def _adopt_orphans(out: str, rows: dict[str, dict]) -> int:
-    """Catalog sweeps from shards published after the last catalog write (a driver killed in between)."""
+def _requeue_damaged(out: str, table, appender: catalog.Appender) -> list:
+    """Shards the catalog names that are missing or not their recorded size: moved aside, their sweeps recorded
+    as ``lost`` (so this run does them again). Returns [(Damage, where the file went)]."""
+    damaged = verify.check(out, table)
+    if not damaged:
+        return []
+    rows = {r["sweep_id"]: r for r in catalog.read(out)}
+    found = []
+    for d in damaged:
+        where = verify.set_aside(out, d.shard)
+        why = f"shard {d.shard} {d.why}" + (f"; kept as {where}" if where else "")
+        log.warning("%s: its %d sweeps will be run again", why, len(d.sweeps))
+        appender.add(catalog.lost_row(rows[sid], why) for sid in d.sweeps)
+        found.append((d, where))
+    return found
+
+
+def _adopt_orphans(out: str, status: dict[str, str], known: set[str]) -> list[dict]:
+    """Catalog rows for sweeps in shards published after the last catalog commit (a driver killed in between);
+    an orphan that cannot be read is moved aside."""
     fs, path = storage.resolve(out)
     shards_dir = storage.join(path, catalog.SHARDS_DIR)
     storage.remove_stale_temporaries(fs, shards_dir)
-    known = {r["shard"] for r in rows.values() if r["status"] == "done"}
-    adopted = 0
+    adopted = {}
     for info in storage.list_files(fs, shards_dir, ".tar"):
         if info.base_name in known:
             continue
@@ -167,14 +194,13 @@ def _adopt_orphans(out: str, rows: dict[str, dict]) -> int:
             sha = storage.sha256(fs, info.path)
             samples = list(iter_shard(uri, sha256=sha))
         except ShardError as e:
-            log.warning("ignoring unreadable orphan shard %s: %s", info.base_name, e)
+            log.warning("unreadable orphan shard %s moved to %s: %s", info.base_name, verify.set_aside(out, info.base_name), e)
             continue
         shard = ShardInfo(info.base_name, info.path, sha, info.size, [s.key for s in samples])
         for s in samples:
-            if rows.get(s.key, {}).get("status") != "done":
-                rows[s.key] = catalog.done_row(s.record, shard)
-                adopted += 1
-    return adopted
+            if status.get(s.key) != "done" and s.key not in adopted:
+                adopted[s.key] = catalog.done_row(s.record, shard)
+    return list(adopted.values())
 
 
 def _shard_bytes(out: str) -> int:
@@ -211,9 +237,10 @@ class _Slot:
 class _Scheduler:
     """Workers, the queue, the work in flight and the attempts; every fault goes through ``policy.decide``."""
 
-    def __init__(self, out: str, todo: list[SweepSpec], rows: dict, settings: DataSettings, w: WorkerSettings,
-                 size: int, summary: Summary, on_progress):
-        self.out, self.rows, self.settings, self.w, self.summary = out, rows, settings, w, summary
+    def __init__(self, out: str, todo: list[SweepSpec], books: catalog.Appender, settings: DataSettings,
+                 w: WorkerSettings, size: int, summary: Summary, on_progress, runner):
+        self.out, self.books, self.settings, self.w, self.summary = out, books, settings, w, summary
+        self.runner = runner
         self.on_progress = on_progress or (lambda summary: None)
         self.by_id = {s.sweep_id: s for s in todo}
         self.queue = deque(self.by_id)
@@ -229,7 +256,7 @@ class _Scheduler:
         w = self.w
         slot.actor = SweepWorker.options(num_cpus=w.cpus_per_worker, max_restarts=0).remote(
             self.out, f"{self.run_tag}-w{slot.index}g{slot.generation}", self.settings, w.threads_per_worker,
-            w.shard_max_bytes, w.shard_max_seconds, self.chaos_spec)
+            w.shard_max_bytes, w.shard_max_seconds, self.chaos_spec, self.runner)
         slot.started = False
         self.inflight[slot.actor.ready.remote()] = (slot, "start", None)  # answers once placed: may wait for a node
         return slot
@@ -238,9 +265,11 @@ class _Scheduler:
         try:
             while self.slots and (self.queue or self._working()):
                 self._dispatch()
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=PROGRESS_EVERY_S)
-                if ready:
-                    self._handle(ready[0])
+                refs = list(self.inflight)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=PROGRESS_EVERY_S)
+                if ready:  # and everything else that is ready: one pass of the loop for a burst of results
+                    for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[0] or ready:
+                        self._handle(ref)
                 else:
                     log.info("%d of %d workers running, %d sweeps queued", sum(s.started for s in self.slots),
                              len(self.slots), len(self.queue))
@@ -280,6 +309,7 @@ class _Scheduler:
             self._apply(slot, FaultKind.SWEEP_FAILED, result.error, sid)
         else:
             slot.unpublished[sid] = result.record
+            self.summary.completed += 1
             self.bar.update(1)
             self._record_published(result.published, slot)
 
@@ -308,23 +338,40 @@ class _Scheduler:
     def _record_published(self, infos: list[ShardInfo], slot: _Slot) -> None:
         for info in infos:
             self.summary.bytes_written += info.bytes
-            for sid in info.keys:
-                self.rows[sid] = catalog.done_row(slot.unpublished.pop(sid), info, self.attempts[sid] + 1)
-                self.summary.done += 1
-        if infos:
-            catalog.write(self.out, self.rows.values())
+            self.books.add(catalog.done_row(slot.unpublished.pop(sid), info, self.attempts[sid] + 1) for sid in info.keys)
+            self.summary.done += len(info.keys)
 
     def _fail(self, sid: str, error: str) -> None:
-        self.rows[sid] = catalog.failed_row(sid, self.by_id[sid].model_dump(mode="json"), error, self.attempts[sid])
+        self.books.add([catalog.failed_row(sid, self.by_id[sid].model_dump(mode="json"), error, self.attempts[sid])])
         self.summary.failed += 1
         self.summary.failures[_first_line(error)] += 1
-        catalog.write(self.out, self.rows.values())
         self.bar.update(1)
 
     def _strand(self) -> None:
         """Every worker was given up on: the sweeps still queued fail, naming why."""
         while self.queue:
             self._fail(self.queue.popleft(), f"no worker left: {self.retired_why}")
+
+
+def _resume(out: str, specs: list[SweepSpec], retry_failed: bool, books: catalog.Appender) -> tuple[list, Summary]:
+    """What is left to do in ``out``: damaged shards re-queued, orphan shards adopted; (todo, summary so far)."""
+    catalog.remove_merged_leftovers(out)
+    table = catalog.read_table(out, ["status", "error", "shard", "shard_bytes", "shard_sha256"])
+    damaged = _requeue_damaged(out, table, books)
+    cols = table.select(["sweep_id", "status", "error", "shard"]).to_pydict()
+    lost = {sid for d, _ in damaged for sid in d.sweeps}
+    status = {sid: ("lost" if sid in lost else st) for sid, st in zip(cols["sweep_id"], cols["status"])}
+    errors = dict(zip(cols["sweep_id"], cols["error"]))
+    finished = {"done"} | (set() if retry_failed else {"failed"})
+    skipped = sum(status.get(s.sweep_id) in finished for s in specs)
+    earlier = Counter(_first_line(errors[s.sweep_id]) for s in specs
+                      if not retry_failed and status.get(s.sweep_id) == "failed")
+    known = {sh for sid, sh in zip(cols["sweep_id"], cols["shard"]) if status[sid] == "done"}
+    adopted = _adopt_orphans(out, status, known)
+    books.add(adopted)
+    status |= {r["sweep_id"]: "done" for r in adopted}
+    todo = [s for s in specs if status.get(s.sweep_id) not in finished]
+    return todo, Summary(out, len(specs), skipped, len(adopted), earlier_failures=earlier, damaged=damaged)
 
 
 def collect(
@@ -335,29 +382,26 @@ def collect(
     num_workers: int | None = None,
     retry_failed: bool = False,
     on_progress=None,
+    runner=run_sweep,
 ) -> Summary:
     """Run the sweeps in ``specs`` that ``out`` does not hold yet with ``num_workers`` workers (default: as many
-    as the cluster's CPUs hold now); ``on_progress(summary)`` is called as results come in. Returns what happened."""
+    as the cluster's CPUs hold now); ``on_progress(summary)`` is called as results come in. Returns what happened.
+    ``runner(spec, settings, on_stage=…)`` trains one sweep (``bench/scale.py`` passes a simulated one)."""
     t0 = time.perf_counter()
     out = storage.normalize(out)  # workers may run in another folder: local paths become absolute
     storage.check_writable(out)
     w = workers or WorkerSettings()
-    rows = {r["sweep_id"]: r for r in catalog.read(out)}
-    finished = {"done"} | (set() if retry_failed else {"failed"})
-    skipped = sum(rows.get(s.sweep_id, {}).get("status") in finished for s in specs)
-    earlier = Counter(_first_line(rows[s.sweep_id]["error"]) for s in specs
-                      if not retry_failed and rows.get(s.sweep_id, {}).get("status") == "failed")
-    adopted = _adopt_orphans(out, rows)
-    if adopted:
-        catalog.write(out, rows.values())
-
-    todo = [s for s in specs if rows.get(s.sweep_id, {}).get("status") not in finished]
-    summary = Summary(out, len(specs), skipped, adopted, earlier_failures=earlier)
-    if todo:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-        size = policy.pool_size(num_workers, ray.cluster_resources().get("CPU", 0), w.cpus_per_worker, len(todo))
-        log.info("requesting %d workers (%g CPUs each) for %d sweeps", size, w.cpus_per_worker, len(todo))
-        _Scheduler(out, todo, rows, settings, w, size, summary, on_progress).run()
-    summary.total_bytes, summary.wall_s = _shard_bytes(out), time.perf_counter() - t0
+    books = catalog.Appender(out)
+    try:
+        todo, summary = _resume(out, specs, retry_failed, books)
+        if todo:
+            if not ray.is_initialized():
+                ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+            size = policy.pool_size(num_workers, ray.cluster_resources().get("CPU", 0), w.cpus_per_worker, len(todo))
+            log.info("requesting %d workers (%g CPUs each) for %d sweeps", size, w.cpus_per_worker, len(todo))
+            _Scheduler(out, todo, books, settings, w, size, summary, on_progress, runner).run()
+    finally:
+        books.close()  # every row of a published shard is committed, even when the run is interrupted
+    summary.total_bytes, summary.catalog_bytes = _shard_bytes(out), books.bytes_written
+    summary.wall_s = time.perf_counter() - t0
     return summary

@@ -167,7 +167,9 @@ class WorkerSettings(_Strict):
     threads_per_worker: int = Field(default=1, ge=1)  # torch threads inside it (1 worker per core on a laptop)
     max_retries: int = Field(default=2, ge=0)  # extra attempts when a worker dies mid-sweep
     shard_max_bytes: int = Field(default=256 * 2**20, ge=1)  # a shard is published once it is this big…
-    shard_max_seconds: float = Field(default=600, ge=0)  # …or this old (bounds the work lost to a crash)
+    # …or this old: bounds what a dead worker's re-runs cost. 30 min at the sizing table's median (a 2.5 MB sweep
+    # every ~72 s a worker) makes ~60 MB shards, MosaicML's recommended 50-100 MB (docs/scale.md, "Shard sizes")
+    shard_max_seconds: float = Field(default=1800, ge=0)
 
 
 class DataConfig(_Strict):

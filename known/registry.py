@@ -231,10 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def catalog_sha256(shards: str) -> str:
     """The digest of a meta-dataset's catalog: which sweeps, in which shards, with which hashes (lineage)."""
-    from meta import catalog, storage
+    from meta import catalog
 
-    fs, path = storage.resolve(shards)
-    return storage.sha256(fs, storage.join(path, catalog.FILENAME))
+    return catalog.digest(shards)
 
 
 def by_family_dataset(rows: list[dict]) -> dict[str, int]:

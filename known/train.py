@@ -40,7 +40,7 @@ from torch import nn
 from known import baselines, native, predict, registry, tracking
 from known.model import INPUT_MODES, PREDICTED_KINDS, S
 from known.windows import KIND_IDS, is_validation, sweep_windows
-from meta import catalog, readers, storage
+from meta import catalog, readers, storage, verify
 from meta.record import CHANCE_MARGIN, learned
 
 METRIC = registry.METRIC
@@ -422,11 +422,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(``shuffled``), which mixes the blocks of --sweeps-per-block sweeps")
     p.add_argument("--inputs", choices=INPUT_MODES, default="rms", help="KNOWN's input mode (known.model): raw "
                    "values (the paper), scaled (centred, divided by the path length) or rms (divided by the tensor's "
-                   "RMS; the best on held-out sweeps, README)")
+                   "RMS; the best on held-out sweeps, docs/known.md)")
     p.add_argument("--sweeps-per-block", type=int, default=16, help="sweeps whose windows are permuted together "
                    "before the shuffle buffer: the batches then mix that many sweeps")
     p.add_argument("--keep-unlearned", action="store_true", help="also train on sweeps whose Θ0 stayed within "
-                   f"{CHANCE_MARGIN:.0%} of chance (left out by default: nothing learned, nothing to forget)")
+                   f"{100 * CHANCE_MARGIN:.0f}%% of chance (left out by default: nothing learned, nothing to forget)")
     p.add_argument("--bias-repeat", type=int, default=64, help="repeat bias windows this many times in training "
                    "(biases are rare: without it the bias KNOWN sees a few rows per batch)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
@@ -521,13 +521,16 @@ def _start_run(args):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if not catalog.exists(args.shards):
+            raise storage.StorageError(f"no catalog under {args.shards}: not a collection's output (yet)")
         done = [r for r in catalog.read(args.shards) if r["status"] == "done"]
-    except storage.StorageError as e:  # an unreachable location, a corrupt catalog
+        verify.require_intact(args.shards, catalog.read_table(args.shards, verify.COLUMNS))
+    except storage.StorageError as e:  # an unreachable location, a corrupt catalog, a damaged shard
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = training_rows(done, args.keep_unlearned)
     if not rows:
-        print(f"error: no done sweeps{' that learned' if done else ''} in {args.shards}/{catalog.FILENAME}", file=sys.stderr)
+        print(f"error: no done sweeps{' that learned' if done else ''} in {args.shards}'s catalog", file=sys.stderr)
         return 2
     train_ids, val_ids = split(rows, args.val_fraction, args.train_fraction)
     if not val_ids or not train_ids:

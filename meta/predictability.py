@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from known.predict import PREDICTED_KINDS as KINDS
-from meta import catalog, readers, storage
-from meta.shards import Sample
+from meta import catalog, readers, storage, verify
+from meta.shards import Sample, ShardError
 
 log = logging.getLogger(__name__)
 PREDICTORS = ("taskvector", "linearfit", "oracle-Δ", "oracle")
@@ -286,14 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         roots = {Path(storage.resolve(r)[1].rstrip("/")).name or r: r for r in args.roots}
         if len(roots) != len(args.roots):
             raise PredictabilityError(f"roots {args.roots} do not have distinct folder names (they label the protocols)")
-        missing = [r for r in args.roots if not catalog.read(r)]
+        missing = [r for r in args.roots if not catalog.exists(r) or not catalog.read(r)]
         if missing:
             raise PredictabilityError(f"no catalog with sweeps under {missing}")
+        for r in args.roots:  # a truncated or missing shard: named now, not as a traceback after minutes of work
+            verify.require_intact(r, catalog.read_table(r, verify.COLUMNS))
         knowns = _load_knowns(args.known)
-    except (PredictabilityError, storage.StorageError) as e:
+        stats = collect_stats(roots, knowns, args.val_fraction)
+    except (PredictabilityError, storage.StorageError, ShardError) as e:  # ShardError: a shard whose sha256 is off
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stats = collect_stats(roots, knowns, args.val_fraction)
     command = "python -m meta.predictability " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = render(stats, list(knowns), command, args.keep_unlearned)
     numbers = summary(stats, list(knowns), args.keep_unlearned)

@@ -1,7 +1,9 @@
-"""``python -m meta.status OUT``: what a meta-dataset holds and how its collection went, from its catalog.
+"""``python -m meta.status OUT [--verify]``: what a meta-dataset holds and how its collection went.
 
 Works on a local folder and on object storage (``s3://…``) alike, through ``meta.storage``; reads only the
-catalog and the shard listing (never a shard's contents), so it is cheap while a collection is running.
+catalog's columns it shows and the shard listing (never a shard's contents), so it is cheap while a collection
+is running. ``--verify`` also hashes every catalogued shard against its recorded sha256 (a progress bar) and
+exits 1 naming each damaged one; a resume of the collection moves those aside and runs their sweeps again.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from meta import catalog, storage
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from meta import catalog, storage, verify
+
+COLUMNS = ["status", "error", "family", "dataset", "r", "wall_s", "finished_at", "stage_test_acc", "shard_bytes"]
 
 
 @dataclass(frozen=True)
@@ -28,35 +36,42 @@ class Status:
     examples: tuple = ()  # a few done rows, for a human
 
 
-def _rate(finished: list[str]) -> float | None:
-    times = sorted(datetime.fromisoformat(t) for t in finished if t)
-    span = (times[-1] - times[0]).total_seconds() if len(times) > 1 else 0.0
-    return 3600 * (len(times) - 1) / span if span > 0 else None
+def _rate(finished: pa.Array) -> float | None:
+    """Sweeps per hour between the first and the last finished (ISO times: their string order is their order)."""
+    finished = finished.drop_null()
+    if len(finished) < 2:
+        return None
+    lo, hi = pc.min_max(finished).values()
+    span = (datetime.fromisoformat(hi.as_py()) - datetime.fromisoformat(lo.as_py())).total_seconds()
+    return 3600 * (len(finished) - 1) / span if span > 0 else None
 
 
 def status(out: str) -> Status:
-    rows = catalog.read(out)
-    fs, path = storage.resolve(out)
-    done = [r for r in rows if r["status"] == "done"]
-    failed = [r for r in rows if r["status"] != "done"]
+    """Counted with pyarrow's kernels, not row by row: 100,000 sweeps take well under a second."""
+    table = catalog.read_table(out, COLUMNS)
+    is_done = pc.equal(table["status"], "done")
+    done, failed = table.filter(is_done), table.filter(pc.invert(is_done))
     cells: dict = {}
-    for r in rows:
-        d, f = cells.get((r["family"], r["dataset"]), (0, 0))
-        cells[(r["family"], r["dataset"])] = (d + (r["status"] == "done"), f + (r["status"] != "done"))
+    for part, col in ((done, 0), (failed, 1)):
+        for r in part.group_by(["family", "dataset"]).aggregate([("status", "count")]).to_pylist():
+            counts = list(cells.get((r["family"], r["dataset"]), (0, 0)))
+            counts[col] = r["status_count"]
+            cells[(r["family"], r["dataset"])] = tuple(counts)
+    fs, path = storage.resolve(out)
     return Status(
-        out, len(done), len(failed),
-        failures=Counter((r["error"] or "?").splitlines()[0][:200] for r in failed),
-        cells=dict(sorted(cells.items())),
+        out, done.num_rows, failed.num_rows,
+        failures=Counter((e or "?").splitlines()[0][:200] for e in failed["error"].to_pylist()),
+        cells=dict(sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0])))),
         shard_bytes=sum(i.size for i in storage.list_files(fs, storage.join(path, catalog.SHARDS_DIR), ".tar")),
-        cpu_hours=sum(r["wall_s"] or 0.0 for r in done) / 3600,
-        sweeps_per_hour=_rate([r["finished_at"] for r in done]),
-        examples=tuple(done[:3]),
+        cpu_hours=(pc.sum(done["wall_s"]).as_py() or 0.0) / 3600,
+        sweeps_per_hour=_rate(done["finished_at"]),
+        examples=tuple(done.slice(0, 3).to_pylist()),
     )
 
 
 def text(st: Status) -> str:
     rate = f"{st.sweeps_per_hour:.1f}" if st.sweeps_per_hour is not None else "n/a"
-    lines = [f"meta-dataset {st.out}: {st.done} done, {st.failed} failed sweeps in {catalog.FILENAME}",
+    lines = [f"meta-dataset {st.out}: {st.done} done, {st.failed} failed or lost sweeps in its catalog",
              f"  shards: {st.shard_bytes:,} bytes; CPU-hours (sweep wall time, one worker each): {st.cpu_hours:.2f}; "
              f"sweeps per hour (first to last finished): {rate}"]
     lines += [f"  failed x{n}: {why}" for why, n in st.failures.most_common()]
@@ -67,21 +82,35 @@ def text(st: Status) -> str:
     return "\n".join(lines)
 
 
+def verify_shards(out: str) -> list[verify.Damage]:
+    """Every catalogued shard hashed, with a progress bar in bytes."""
+    table = catalog.read_table(out, ["status", "shard", "shard_bytes", "shard_sha256"])
+    cols = table.select(["shard", "shard_bytes", "status"]).to_pydict()
+    sizes = {sh: b or 0 for sh, b, st in zip(cols["shard"], cols["shard_bytes"], cols["status"]) if st == "done"}
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="sha256 of shards", file=sys.stderr) as bar:
+        return verify.verify(out, table, on_shard=bar.update)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="the collection's --out: a folder or a URI (s3://…)")
+    p.add_argument("--verify", action="store_true", help="hash every shard against the catalog; exit 1 if any is damaged")
     args = p.parse_args(argv)
     out = storage.normalize(args.out)
     try:
-        fs, path = storage.resolve(out)
-        if not storage.exists(fs, storage.join(path, catalog.FILENAME)):
-            print(f"error: no {catalog.FILENAME} under {out}: not a collection's output (yet)", file=sys.stderr)
+        if not catalog.exists(out):
+            print(f"error: no catalog under {out}: not a collection's output (yet)", file=sys.stderr)
             return 2
         print(text(status(out)))
+        damaged = verify_shards(out) if args.verify else []
     except OSError as e:  # StorageError, a missing bucket, no permission
         print(f"error: cannot read {args.out}: {e}", file=sys.stderr)
         return 2
-    return 0
+    for d in damaged:
+        print(f"damaged: shards/{d.shard}: {d.why} ({len(d.sweeps)} sweeps; rerun the collection to redo them)")
+    if args.verify:
+        print(f"verified: {len(damaged)} damaged shard(s)" if damaged else "verified: every shard matches its sha256")
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":

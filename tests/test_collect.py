@@ -162,7 +162,7 @@ def test_killing_the_driver_then_rerunning_resumes_without_duplicates(settings, 
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
-            if (out / "catalog.parquet").exists() and len(catalog.read(str(out))) >= 2:
+            if catalog.exists(str(out)) and len(catalog.read(str(out))) >= 2:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run finished before it could be interrupted"
@@ -181,3 +181,26 @@ def test_killing_the_driver_then_rerunning_resumes_without_duplicates(settings, 
     uninterrupted = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     assert assert_consistent(clean, [s.sweep_id for s in sample_specs(cfg)]) == digests
+
+
+def test_a_truncated_shard_is_caught_by_verify_and_its_sweeps_alone_are_redone(ray_local, settings, tmp_path, capsys):
+    from meta import status
+
+    out = tmp_path / "meta"
+    cfg = tiny_config()  # shard_max_seconds 0: a shard per sweep
+    first = collect(cfg, str(out), settings, num_workers=2)
+    rows = {r["sweep_id"]: r for r in catalog.read(str(out))}
+    victim = sorted(rows)[1]
+    shard = out / "shards" / rows[victim]["shard"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # as a disk that filled up, or a bad copy
+    cut = shard.read_bytes()
+    assert status.main([str(out), "--verify"]) == 1
+    said = capsys.readouterr().out
+    assert f"damaged: shards/{shard.name}" in said and "1 damaged shard" in said
+
+    again = collect(cfg, str(out), settings, num_workers=2)
+    assert (again.skipped, again.done, again.failed) == (first.done - 1, 1, 0)
+    assert [d.shard for d, _ in again.damaged] == [shard.name] and shard.name in again.text()
+    assert (out / "damaged" / shard.name).read_bytes() == cut  # kept aside, not deleted
+    assert_consistent(out, list(rows))  # every sweep done once, in an intact shard
+    assert status.main([str(out), "--verify"]) == 0

@@ -113,6 +113,10 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
         train.parse_args(["--shards", "x", "--val-fraction", "1.5"])
     assert "--val-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
     assert train.main(["--shards", str(tmp_path)]) == 2
+    assert f"no catalog under {tmp_path}" in capsys.readouterr().err
+    from meta import catalog
+    catalog.append(tmp_path, [catalog.failed_row("s0", {"family": "cnn"}, "failed in a test", 3)], seq=0)
+    assert train.main(["--shards", str(tmp_path)]) == 2
     assert "no done sweeps" in capsys.readouterr().err
 
 
