@@ -1,5 +1,5 @@
 """KNOWN's forward pass laid out for inference over millions of scalars (a KNOW step): two layouts, one
-function (the same as ``KNOWN.forward``), measured on the 2-core VM (README).
+function (the same as ``KNOWN.forward``), measured on the 2-core VM (docs/benchmarks.md).
 
 ``NativeKNOWN`` runs the fused C++ kernel (known/native.py) on the CPU wherever it builds: each block of rows goes
 through the whole network in SIMD registers, the squeeze layer folded into the input layer.

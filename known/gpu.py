@@ -3,7 +3,7 @@
 Why: on an H100 the torch layout (known/fast.py) took 12.5x a same-FLOP fp32 matmul for a ResNet18-sized KNOW
 step: every layer is a kernel launch over [64, rows] activations in GPU memory. Here each program takes a block of
 64 rows through the whole network in registers, in the CPU kernel's parameter layout (``NativeKNOWN.pack``: the
-squeeze layer folded into the input layer): 1.65x (README). The dots run as "tf32x3": three TF32 tensor-core
+squeeze layer folded into the input layer): 1.65x (docs/benchmarks.md). The dots run as "tf32x3": three TF32 tensor-core
 passes that keep fp32 accuracy (measured on the H100: max error against float64 1.7e-5, the torch fp32 layout's
 7e-5); plain IEEE fp32 dots were 6x slower, one TF32 pass would lose 3 digits. Imported only where a CUDA tensor is
 predicted; without Triton the torch layout runs.

@@ -4,7 +4,7 @@ loaded with ctypes.
 Why: torch runs KNOWN as a dozen small GEMMs (most with K <= 9, at 13-25% of a matmul's FLOP rate on the 2-core
 VM) and elementwise passes over [64, rows] activations; the kernel takes each block of rows through the whole
 network in SIMD registers, and the training step computes the loss and every parameter's gradient in the same
-pass (numbers in the README). It is compiled with the machine's C++ compiler (``$CXX``, default g++; -O3
+pass (numbers in docs/benchmarks.md). It is compiled with the machine's C++ compiler (``$CXX``, default g++; -O3
 -march=native) into a cache keyed by the source, the flags, the compiler and the CPU, so a cluster of mixed
 machines builds one per kind. Without a compiler, or with OBLIVION_NATIVE=0,
 ``library()`` is None and callers use torch (known/fast.py for prediction, autograd for training: the same

@@ -174,7 +174,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable | str, images: torch.Tenso
     """Recompute every BatchNorm's running statistics as the average over ``batches``: any iterable of image
     batches the model takes (a user's own data; (images, labels) pairs from a DataLoader are fine), or one of
     our dataset names with its uint8 ``images``. Use it after loading predicted weights: statistics copied
-    from Θ0 no longer match them (measured in README: known-official 0.29 -> 0.49 source accuracy,
+    from Θ0 no longer match them (measured in docs/known.md: known-official 0.29 -> 0.49 source accuracy,
     TaskVector 0.466 -> 0.481)."""
     if isinstance(batches, str):
         if images is None:

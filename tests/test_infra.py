@@ -65,7 +65,7 @@ def test_kuberay_cluster_and_jobs_are_consistent():
         if "--config" in args:
             assert (REPO / args[args.index("--config") + 1]).is_file()
         env = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]
-        assert {"name": "RAY_AUTH_MODE", "value": "token"} in env  # Ray 2.60's token auth (README)
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in env  # Ray 2.60's token auth (docs/collection.md)
 
 
 def test_ray_up_config_passes_rays_own_validation_and_a_broken_one_does_not():

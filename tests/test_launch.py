@@ -85,7 +85,7 @@ def _free_port() -> int:
 
 @pytest.mark.ray
 def test_ray_job_submit_smoke(tmp_path, fake_root):
-    """`ray start --head` + `ray job submit … collectors/launch.py` + `ray stop`, as the README says."""
+    """`ray start --head` + `ray job submit … collectors/launch.py` + `ray stop`, as docs/collection.md says."""
     ray_bin = Path(sys.executable).parent / "ray"
     if not ray_bin.exists():
         ray_bin = Path(shutil.which("ray"))
