@@ -1,5 +1,7 @@
 """The append-only catalog: parts, compaction, newest-wins reads, the background appender (no Ray)."""
 
+import os
+import random
 import threading
 import time
 
@@ -49,7 +51,7 @@ def test_appends_read_back_newest_row_per_sweep_over_a_legacy_file(tmp_path):
     got = {r["sweep_id"]: r["error"] for r in catalog.read(root)}
     want = {f"s{i:05d}": "legacy" for i in range(6)} | {f"s{s % 10:05d}": f"v{s}" for s in range(1, 40)}
     assert got == want
-    levels = [p.level for p in catalog.list_parts(root)]
+    levels = [p.level for p in catalog.live(catalog.list_parts(root))]
     assert len(levels) < 12 and max(levels) >= 2  # 39 commits folded into a few parts of three levels
     assert catalog.read_table(root, ["status"]).column_names == ["sweep_id", "status"]
 
@@ -71,12 +73,33 @@ def test_a_killed_merge_leaves_a_readable_catalog_and_its_leftovers_are_removed(
     for seq in range(1, 5):
         catalog.append(root, [row(seq)], seq)
     inputs = catalog.list_parts(root)
-    merged = catalog.compact(root, fan_in=4)
+    merged = catalog.compact(root, fan_in=4, grace_s=0)
     assert merged > 0 and len(catalog.list_parts(root)) == 1
     for p in inputs:  # as if the merge was killed before deleting its inputs: they come back
         pq.write_table(catalog._table([row(p.lo, "stale")]), tmp_path / catalog.PARTS_DIR / p.name)
     assert {r["error"] for r in catalog.read(root)} == {"e"}  # the merged part hides them
     assert catalog.remove_merged_leftovers(root) == 4 and len(catalog.list_parts(root)) == 1
+
+
+def test_a_merges_inputs_outlive_it_by_the_grace_period(tmp_path):
+    root = str(tmp_path)
+    for seq in range(1, 5):
+        catalog.append(root, [row(seq)], seq)
+    catalog.compact(root, fan_in=4)  # the default grace: a reader listing now may still need the inputs
+    [merged] = catalog.live(catalog.list_parts(root))
+    assert len(catalog.list_parts(root)) == 5 and catalog.remove_merged_leftovers(root, grace_s=30) == 0
+    old = time.time() - 31
+    os.utime(tmp_path / catalog.PARTS_DIR / merged.name, (old, old))
+    assert catalog.remove_merged_leftovers(root, grace_s=30) == 4 and catalog.list_parts(root) == [merged]
+
+
+def test_live_is_the_parts_no_other_part_covers():
+    rng = random.Random(0)
+    for _ in range(300):
+        spans = [(lo, lo + rng.randrange(4), rng.randrange(3)) for lo in (rng.randrange(12) for _ in range(rng.randrange(1, 9)))]
+        ps = parts(*spans)
+        brute = sorted((p for p in ps if not any(q.covers(p) for q in ps)), key=lambda p: (p.hi, p.lo, p.name))
+        assert catalog.live(ps) == brute, spans
 
 
 def test_readers_never_miss_a_row_while_parts_are_merged(tmp_path):
