@@ -1,8 +1,11 @@
 """Does the collection's bookkeeping cost the same per sweep at any size? The real scheduler, failure policy,
 shard writer, catalog and readers, fed by simulated sweeps (``collectors.simulate``: a well-formed result with
-tiny tensors in ~1 ms) on a local Ray cluster with many small workers.
+tiny tensors in ~1 ms) on a local Ray cluster with many small workers, or (``--autoscaling NODES``) on Ray's
+autoscaler with fake nodes (``collectors.fake_cluster``): the collection starts on a head with no worker CPU and
+the autoscaler adds the nodes its workers ask for.
 
     python bench/scale.py --sizes 1000 10000 100000 --workers 16 [--kill]
+    python bench/scale.py --sizes 1000 10000 --workers 16 --cpus 4 --autoscaling 4
 
 One JSON line per N: driver CPU seconds per sweep, sweep completions per second (steady state: between 10% and
 90% of them), catalog bytes written per sweep (write amplification), catalog parts, shards and their median size,
@@ -97,7 +100,7 @@ def measure(n: int, n_workers: int, cpus: float, root: Path, shard_seconds: floa
     rate = _steady_rate(marks, n)
     return dict(n=n, workers=n_workers, shard_seconds=shard_seconds, wall_s=round(wall, 1), driver_cpu_s_per_sweep=round(cpu / n, 6),
                 completions_per_s=round(rate, 1) if rate else None, catalog_bytes_per_sweep=round(s.catalog_bytes / n, 1),
-                catalog_parts=len(catalog.list_parts(out)), shards=len(sizes), shard_median_mb=round(statistics.median(sizes) / 2**20, 2),
+                catalog_parts=len(catalog.live(catalog.list_parts(out))), shards=len(sizes), shard_median_mb=round(statistics.median(sizes) / 2**20, 2),
                 shard_bytes_per_sweep=round(sum(sizes) / n), peak_driver_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 status_s=round(status_s, 3), status_command_s=round(status_cli_s, 2), resume_scan_s=round(resume_s, 2),
                 first_batch_s=round(_first_batch_s(out), 2))
@@ -137,6 +140,22 @@ def kill_and_rerun(n: int, n_workers: int, cpus: float, root: Path, shard_second
                 all_done=True, sweeps_read=len(seen), duplicates=len(seen) - len(set(seen)))
 
 
+def _start_cluster(cpus: float, nodes: int | None):
+    """A local Ray cluster of ``cpus``, or an autoscaling head of 0 CPUs adding up to ``nodes`` fake nodes."""
+    import ray
+
+    if nodes is None:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        return None
+    from collectors.fake_cluster import FakeAutoscalingCluster
+
+    node = {"resources": {"CPU": int(cpus // nodes)}, "node_config": {}, "min_workers": 0, "max_workers": nodes}
+    cluster = FakeAutoscalingCluster(0, {"cpu": node})
+    cluster.start()
+    cluster.connect()
+    return cluster
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -144,6 +163,8 @@ def main() -> None:
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 2), help="CPUs of the local Ray cluster")
     p.add_argument("--shard-seconds", type=float, default=None, help="close shards after this long (default: the "
                    "workers' default; small values make a catalog commit every few ms, as thousands of real workers do)")
+    p.add_argument("--autoscaling", type=int, default=None, metavar="NODES", help="run on an autoscaling cluster "
+                   "whose head has no CPU and whose fake nodes (up to NODES, --cpus / NODES CPUs each) it adds on demand")
     p.add_argument("--kill", action="store_true", help="also kill a driver half-way through the largest N and rerun")
     p.add_argument("--keep", default=None, help="keep the collections in this folder (default: a temporary one)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -153,18 +174,24 @@ def main() -> None:
         return _child(args)
     if min(args.sizes) < 100 or args.workers < 1:
         p.error(f"--sizes must be >= 100 and --workers >= 1, got {args.sizes} and {args.workers}")
+    if args.autoscaling is not None and not 1 <= args.autoscaling <= args.cpus:
+        p.error(f"--autoscaling must be between 1 and --cpus ({args.cpus:g}): each fake node has >= 1 CPU, got {args.autoscaling}")
+    if args.autoscaling is not None:
+        args.cpus = args.autoscaling * (args.cpus // args.autoscaling)  # whole CPUs per fake node
     import ray
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="oblivion-scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    cluster = _start_cluster(args.cpus, args.autoscaling)
     lines = []
     try:
         for n in sorted(args.sizes):
-            lines.append(measure(n, args.workers, args.cpus, root, args.shard_seconds))
+            lines.append(measure(n, args.workers, args.cpus, root, args.shard_seconds) | {"autoscaling_nodes": args.autoscaling})
             emit("scale", **lines[-1])
     finally:
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     if len(lines) > 1:
         first, last = lines[0], lines[-1]
         emit("scale_ratios", n=[first["n"], last["n"]], target="<= 1.5",
