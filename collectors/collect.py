@@ -77,9 +77,9 @@ class SweepWorker:
     """Runs sweeps one at a time and appends them to its own shard series under ``out/shards``."""
 
     def __init__(self, out: str, prefix: str, settings: DataSettings, threads: int, max_bytes: int, max_seconds: float,
-                 chaos_spec: str | None, runner=run_sweep):
+                 chaos_spec: str | None, runner, path: str):
         torch.set_num_threads(threads)  # workers x threads <= cores: two workers never fight over a core
-        self.settings, self.prefix, self.chaos, self.runner = settings, prefix, chaos_spec, runner
+        self.settings, self.prefix, self.chaos, self.runner, self.path = settings, prefix, chaos_spec, runner, path
         self.log = _worker_logger(prefix)
         self.writer = ShardWriter(storage.join(out, catalog.SHARDS_DIR), prefix, max_bytes, max_seconds)
 
@@ -97,7 +97,7 @@ class SweepWorker:
             chaos.maybe_kill(self.chaos, sid, m.stage)
 
         try:
-            result = self.runner(spec, self.settings, on_stage=on_stage)
+            result = self.runner(spec, self.settings, on_stage=on_stage, path=self.path)
         except (SweepDiverged, DataError, ValueError) as e:
             return SweepOutcome(sid, error=f"{type(e).__name__}: {e}")
         record = to_record(result)
@@ -256,7 +256,7 @@ class _Scheduler:
         w = self.w
         slot.actor = SweepWorker.options(num_cpus=w.cpus_per_worker, max_restarts=0).remote(
             self.out, f"{self.run_tag}-w{slot.index}g{slot.generation}", self.settings, w.threads_per_worker,
-            w.shard_max_bytes, w.shard_max_seconds, self.chaos_spec, self.runner)
+            w.shard_max_bytes, w.shard_max_seconds, self.chaos_spec, self.runner, w.sweep_path)
         slot.started = False
         self.inflight[slot.actor.ready.remote()] = (slot, "start", None)  # answers once placed: may wait for a node
         return slot

@@ -55,6 +55,8 @@ StageInit = Literal["sequential", "restart"]
 Schedule = Literal["constant", "cosine"]
 OptimizerState = Literal["fresh", "carry"]
 Augment = Literal["none", "crop_flip"]
+SweepPath = Literal["reference", "fast"]  # the training loop (collectors.sweep.PATHS); not part of the spec
+DEFAULT_SWEEP_PATH: SweepPath = "fast"
 
 
 class SweepSpec(_Strict):
@@ -170,6 +172,7 @@ class WorkerSettings(_Strict):
     # …or this old: bounds what a dead worker's re-runs cost. 30 min at the sizing table's median (a 2.5 MB sweep
     # every ~72 s a worker) makes ~60 MB shards, MosaicML's recommended 50-100 MB (docs/scale.md, "Shard sizes")
     shard_max_seconds: float = Field(default=1800, ge=0)
+    sweep_path: SweepPath = DEFAULT_SWEEP_PATH  # "reference": the plain loop every sweep before "fast" ran
 
 
 class DataConfig(_Strict):

@@ -18,7 +18,7 @@ SHAPES = {"conv.weight": ((8, 1, 3, 3), "conv"), "fc.weight": ((10, 8), "linear"
 
 
 def simulated_sweep(spec: SweepSpec, settings: DataSettings | None = None, *, record: bool = True,
-                    on_stage=None) -> SweepResult:
+                    on_stage=None, path: str = "reference") -> SweepResult:
     """A sweep of ``spec``'s shape whose weights drift smoothly from a seeded start, one stage after another."""
     gen = torch.Generator().manual_seed(spec.seed)
     sizes = stage_sizes(spec.train_size or 1000, spec.r, spec.n_stages)
@@ -32,4 +32,4 @@ def simulated_sweep(spec: SweepSpec, settings: DataSettings | None = None, *, re
         start, drift = torch.randn(shape, generator=gen), 0.01 * torch.randn(shape, generator=gen)
         tensors[name] = torch.stack([start + k * drift for k in range(spec.n_stages)]) if record else None
     return SweepResult(spec, stages, tensors if record else {}, {n: kind for n, (_, kind) in SHAPES.items()},
-                       sum(torch.Size(s).numel() for s, _ in SHAPES.values()), 0.001)
+                       sum(torch.Size(s).numel() for s, _ in SHAPES.values()), 0.001, path)

@@ -46,6 +46,7 @@ class SweepRecord(_Record):
     n_params: int = Field(ge=0)
     stages: list[StageRecord]
     wall_s: float
+    path: str = "reference"  # collectors.sweep.PATHS: the training loop that made it (absent before it existed)
     tensors: list[TensorInfo]
     versions: dict[str, str]
 

@@ -67,15 +67,15 @@ def test_stage_sizes_and_epochs_follow_the_spec(settings):
 
 def test_carried_optimizer_keeps_its_moments_and_restarts_its_learning_rate():
     model = torch.nn.Linear(3, 2)
-    opt = sweep._stage_optimizer("adam", model, 1e-3, None)
+    opt = sweep._stage_optimizer("adam", model, 1e-3, None, "reference")
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     sched = sweep.cosine_schedule(opt, 1, 10, 10)
     opt.step()
     sched.step()  # decayed to zero
-    again = sweep._stage_optimizer("adam", model, 1e-3, opt)
+    again = sweep._stage_optimizer("adam", model, 1e-3, opt, "reference")
     assert again is opt and opt.param_groups[0]["lr"] == 1e-3 and opt.state  # Adam's moments survive
-    assert sweep._stage_optimizer("adam", model, 1e-3, None) is not opt
+    assert sweep._stage_optimizer("adam", model, 1e-3, None, "reference") is not opt
 
 
 def test_carry_and_cosine_protocols_train_and_differ_from_today(settings):
