@@ -4,7 +4,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,18 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from collectors.fake_cluster import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 
 
 def _yaml(path):
     return yaml.safe_load((INFRA / path).read_text())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entrypoint_args(entrypoint: str) -> tuple[str, list[str]]:
@@ -64,8 +59,33 @@ def test_kuberay_cluster_and_jobs_are_consistent():
         __import__(parser, fromlist=["parse_args"]).parse_args(args)
         if "--config" in args:
             assert (REPO / args[args.index("--config") + 1]).is_file()
-        env = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]
-        assert {"name": "RAY_AUTH_MODE", "value": "token"} in env  # Ray 2.60's token auth (docs/collection.md)
+        submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"]
+        assert submitter == spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]  # same image, same code
+    _, args = _entrypoint_args(_yaml("kuberay/rayjob-collect.yaml")["spec"]["entrypoint"])
+    assert args[args.index("--config") + 1] == "configs/meta-v2.yaml"  # the shipped KNOWN's meta-dataset
+
+
+def _auth(container) -> tuple:
+    """A container's Ray authentication: (RAY_AUTH_MODE, where RAY_AUTH_TOKEN comes from)."""
+    env = {e["name"]: e for e in container.get("env", [])}
+    token = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    return env.get("RAY_AUTH_MODE", {}).get("value"), token and (token["name"], token["key"])
+
+
+def test_token_auth_is_the_same_in_every_pod_the_submitters_and_the_image():
+    """Ray 2.60 turns token auth on: every head, worker and submitter container gets the mode and the one token from
+    the same secret (a pod without it could not join or submit), the operator gets that secret through authOptions,
+    and the image's default mode agrees."""
+    spec = _yaml("kuberay/raycluster.yaml")["spec"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    containers = [c for g in pods for c in g["template"]["spec"]["containers"]]
+    for job in ("rayjob-collect.yaml", "rayjob-train.yaml"):
+        containers += _yaml(f"kuberay/{job}")["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    secret = spec["authOptions"]["secretName"]
+    assert spec["authOptions"]["mode"] == "token"
+    assert {_auth(c) for c in containers} == {("token", (secret, "auth_token"))}  # KubeRay's key for the token
+    assert "RAY_AUTH_MODE=token" in (INFRA / "Dockerfile").read_text()
+    assert f"kubectl create secret generic {secret} --from-literal=auth_token=" in (INFRA / "README.md").read_text()
 
 
 def test_ray_up_config_passes_rays_own_validation_and_a_broken_one_does_not():
@@ -101,7 +121,7 @@ def test_the_shipped_clusters_start_empty_and_grow_to_what_the_collection_reques
 
     parsed = parse_args(args)
     per_worker = load_config(REPO / parsed.config).workers.cpus_per_worker
-    assert parsed.num_workers == cpu["maxReplicas"] * pod_cpus // per_worker
+    assert parsed.workers == cpu["maxReplicas"] * pod_cpus // per_worker
 
     aws = _yaml("ray-up/aws.yaml")
     nodes = aws["available_node_types"]
@@ -132,18 +152,40 @@ def test_datasets_are_staged_where_the_containers_can_read_them():
     assert not pod["containers"][0]["volumeMounts"][0].get("readOnly") and "/data/" in pod["containers"][0]["command"][-1]
 
 
+def _dockerfile_install(flavor: str) -> subprocess.CompletedProcess:
+    """The Dockerfile's pip step run by sh with FLAVOR=flavor, `pip` echoing its arguments instead of installing."""
+    text = (INFRA / "Dockerfile").read_text().replace("\\\n", " ")
+    [step] = [line.removeprefix("RUN ") for line in text.splitlines() if line.startswith("RUN ") and "pip install" in line]
+    return subprocess.run(["sh", "-c", f"pip() {{ echo pip \"$@\"; }}; {step}"], env={**os.environ, "FLAVOR": flavor},
+                          capture_output=True, text=True, timeout=30)
+
+
 def test_dockerfile_matches_the_pinned_stack_and_the_repo():
+    import tomllib
+
     import ray
 
     text = (INFRA / "Dockerfile").read_text()
-    assert f"rayproject/ray:{ray.__version__}-py311" in text
+    args = dict(line.split()[1].split("=") for line in text.splitlines() if line.startswith("ARG ") and "=" in line)
+    [base] = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
+    assert args["FLAVOR"] == "cpu"  # CPU by default; FLAVOR=gpu for the GPU worker group
+    for flavor in ("cpu", "gpu"):
+        assert base.replace("${FLAVOR}", flavor) == f"rayproject/ray:{ray.__version__}-py311-{flavor}"
     for line in text.splitlines():
         if line.startswith("COPY") and "--chown" in line:
             for src in line.split()[2:-1]:
                 assert (REPO / src).exists(), f"Dockerfile copies {src}, which the repo lacks"
-    pins = (REPO / "pyproject.toml").read_text()
-    assert '"torch==2.14.1"' in pins and '"torchvision==0.29.1"' in pins
-    assert "pip install --no-cache-dir -e ." in text  # the image installs the pinned pyproject
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(project["dependencies"])
+
+    cpu, gpu, bad = (_dockerfile_install(f) for f in ("cpu", "gpu", "tpu"))
+    assert cpu.returncode == gpu.returncode == 0, cpu.stderr + gpu.stderr
+    cpu, gpu = (shlex.split(run.stdout) for run in (cpu, gpu))
+    assert cpu[cpu.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"  # no CUDA libraries
+    assert "--extra-index-url" not in gpu  # PyPI's torch: the CUDA build
+    assert bad.returncode == 1 and "FLAVOR must be cpu or gpu" in bad.stderr
+    for argv in (cpu, gpu):  # the pinned pyproject, editable, with its infra extra (boto3, psycopg2)
+        assert argv[argv.index("-e") + 1] == ".[infra]" and "infra" in project["optional-dependencies"]
     assert "install -y --no-install-recommends g++" in text  # builds KNOWN's native kernel on each node
 
 
@@ -176,7 +218,7 @@ def test_team_mlflow_server_on_postgres(tmp_path, fake_root, ray_local):
     from evaluation import transfer
     from known import registry
 
-    port, pg_port = _free_port(), _free_port()
+    port, pg_port = free_port(), free_port()
     state = Path(f"/tmp/oblivion-mlflow-{os.getpid()}")
     env = {**os.environ, "MLFLOW_PORT": str(port), "PG_PORT": str(pg_port), "MLFLOW": str(Path(os.sys.executable).parent / "mlflow")}
     proc = subprocess.Popen([str(INFRA / "mlflow/start.sh"), str(state)], env=env, cwd=REPO, start_new_session=True,

@@ -1,0 +1,1 @@
+"""The installed ``oblivion`` command (oblivion/cli.py) and the shipped configs (oblivion/configs -> configs/)."""
