@@ -2,26 +2,28 @@
 
 A KNOWN "model" is three hyper-models (conv, linear, bias), stored as ``conv.safetensors``,
 ``linear.safetensors`` and ``bias.safetensors`` in one folder: no pickle is needed to load them.
-Published versions are MLflow pyfunc models (``known/pyfunc_model.py``) registered under the name ``KNOWN``,
-tagged with their validation metric and lineage (catalog and validation-set sha256). The alias ``champion``
+Published versions are MLflow pyfunc models (``known/pyfunc_model.py``, carrying ``known.serving`` and what it
+imports as their code, an input example and a signature: they load where this repository is not installed)
+registered under the name ``KNOWN``, tagged with their validation metric and lineage (catalog and validation-set
+sha256). The alias ``champion``
 moves to a new version only if it beats the champion on the same validation set: when the sets differ the
 champion is re-validated on the challenger's (``known.train`` does), and without that it stays.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-import safetensors.torch
 import torch
 
 from known import KnownError, baselines
-from known.model import INPUT_MODES, KNOWN, PREDICTED_KINDS, S, InputMode
-from known.tracking import tracking_uri
+from known.model import KNOWN, PREDICTED_KINDS, InputMode
+from known.serving import WINDOW_COLUMNS, load_dir, predict_windows, save_dir  # noqa: F401 (also as registry.*:
+# the callers, and the versions registered before known.serving, whose pyfunc calls registry.load_dir)
+from known.tracking import existing_store, tracking_uri
 
 MODEL_NAME = "KNOWN"
 ALIAS = "champion"
@@ -29,35 +31,9 @@ SHIPPED = Path(__file__).parent / "weights"
 WEIGHTS = "artifacts/weights"  # where a pyfunc version keeps the safetensors (the folder's name is kept)
 METRIC = "val_rel_l1"  # Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over all validation scalars: < 1 beats "no change"
 VAL_DIGEST = "validation_sha256"  # model-version tag: the validation set METRIC was measured on
-WINDOW_COLUMNS = (*(f"w{i}" for i in range(S)), "rms", "kind")
-
-
-def save_dir(models: dict[str, KNOWN], directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for kind in PREDICTED_KINDS:
-        tmp = directory / f".{kind}.safetensors.tmp"
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in models[kind].state_dict().items()}, str(tmp),
-                                    metadata={"inputs": models[kind].inputs})
-        tmp.replace(directory / f"{kind}.safetensors")
-    return directory
-
-
-def load_dir(directory: str | Path) -> dict[str, KNOWN]:
-    directory = Path(directory)
-    models = {}
-    for kind in PREDICTED_KINDS:
-        path = directory / f"{kind}.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"KNOWN weights missing: {path}")
-        with safetensors.safe_open(str(path), "pt") as f:
-            inputs = (f.metadata() or {}).get("inputs", "raw")
-        if inputs not in INPUT_MODES:
-            raise ValueError(f"{path}: unknown input mode {inputs!r} in its metadata (expected one of {list(INPUT_MODES)})")
-        m = KNOWN(inputs=inputs)
-        m.load_state_dict(safetensors.torch.load_file(str(path)))
-        models[kind] = m.eval()
-    return models
+# a pyfunc version carries the modules known/pyfunc_model.py imports (known.serving and what it imports) as a
+# package of this name: not "known", which would shadow an installed known in the process that loads it
+PYFUNC_PACKAGE, PYFUNC_CODE = "known_pyfunc", ("__init__.py", "model.py", "serving.py")
 
 
 def load_predictor(method: str = "known", source: str | None = None, tracking: str | None = None) -> dict[str, KNOWN] | None:
@@ -88,39 +64,16 @@ def load_predictor(method: str = "known", source: str | None = None, tracking: s
 
 def _download(uri: str, tracking: str | None) -> Path:
     """The local folder of a registered KNOWN's weights; a missing model, version or alias is one KnownError."""
+    store = existing_store(tracking, uri)  # before importing mlflow: a missing store is refused in a moment
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    store = tracking_uri(tracking)
     mlflow.set_tracking_uri(store)
     try:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as e:
         raise KnownError(f"{uri} not found in the registry at {store}: {e.message.splitlines()[0]}") from None
     return root / WEIGHTS if (root / WEIGHTS).is_dir() else root  # pyfunc versions keep them under artifacts/
-
-
-def predict_windows(models: dict[str, KNOWN], windows) -> np.ndarray:
-    """The pyfunc's ``predict``: one predicted value (the stage before the most-data one) per row of ``windows``,
-    a DataFrame with ``WINDOW_COLUMNS``: the S stage values of one scalar, least data first (w0) to most data
-    (w4), as KNOWN reads them; ``rms``, its tensor's RMS at the most-data stage (used by ``rms`` KNOWNs); and
-    ``kind``, conv / linear / bias (which KNOWN)."""
-    missing = [c for c in WINDOW_COLUMNS if c not in windows]
-    if missing:
-        raise KnownError(f"windows lack the columns {missing}; expected {list(WINDOW_COLUMNS)}")
-    bad = sorted(set(windows["kind"]) - set(models))
-    if bad:
-        raise KnownError(f"windows of unknown kinds {bad}; KNOWN predicts {sorted(models)}")
-    w = torch.as_tensor(windows[list(WINDOW_COLUMNS[:S])].to_numpy(np.float32, copy=True))
-    rms = torch.as_tensor(windows["rms"].to_numpy(np.float32, copy=True))
-    kind = windows["kind"].to_numpy()
-    out = np.empty(len(w), np.float32)
-    with torch.inference_mode():
-        for k, m in models.items():
-            rows = np.flatnonzero(kind == k)
-            if len(rows):
-                out[rows] = m.step(w[rows], rms[rows]).numpy()
-    return out
 
 
 def champion_decision(value: float, val_digest: str, champion: dict[str, str] | None,
@@ -152,12 +105,18 @@ def publish(models: dict[str, KNOWN], value: float, lineage: dict[str, str], tra
 
     mlflow.set_tracking_uri(tracking_uri(tracking))
     client = MlflowClient()
-    example = pd.DataFrame({**{c: [0.1, 0.2] for c in WINDOW_COLUMNS[:S]}, "rms": [0.1, 0.1], "kind": ["conv", "bias"]})
+    example = pd.DataFrame({"w0": [0.10, 0.02], "w1": [0.11, 0.021], "w2": [0.12, 0.023], "w3": [0.125, 0.026],
+                            "w4": [0.13, 0.03], "rms": [0.1, 0.03], "kind": ["conv", "bias"]})
     with tempfile.TemporaryDirectory() as d:
+        code = Path(d) / PYFUNC_PACKAGE
+        code.mkdir()
+        for name in PYFUNC_CODE:
+            shutil.copyfile(Path(__file__).with_name(name), code / name)
         info = mlflow.pyfunc.log_model(name="known", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                                        artifacts={"weights": str(save_dir(models, Path(d) / "weights"))},
+                                       code_paths=[str(code)], input_example=example,
                                        signature=infer_signature(example, predict_windows(models, example)),
-                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pandas"])
+                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pandas", "numpy"])
     version = mlflow.register_model(info.model_uri, MODEL_NAME, tags={METRIC: str(value), **lineage}).version
     try:
         champion = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
@@ -170,47 +129,50 @@ def publish(models: dict[str, KNOWN], value: float, lineage: dict[str, str], tra
     return str(version), move, why
 
 
-def ship(models: dict[str, KNOWN], provenance: dict, directory: Path = SHIPPED) -> Path:
-    """Write ``models`` as the package's KNOWN with ``PROVENANCE.json`` (written last: weights without a
-    provenance file are an unfinished ship)."""
+def ship(models: dict[str, KNOWN], provenance: dict, directory: Path) -> Path:
+    """Write ``models`` with ``PROVENANCE.json`` into ``directory`` (the repository's is ``SHIPPED``); the
+    provenance is written last: weights without it are an unfinished ship, which ``load_predictor`` refuses."""
     import json
+
+    from meta import storage
 
     (directory / "PROVENANCE.json").unlink(missing_ok=True)
     save_dir(models, directory)
-    tmp = directory / ".PROVENANCE.json.tmp"
-    tmp.write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
-    tmp.replace(directory / "PROVENANCE.json")
+    storage.write_atomic(*storage.resolve(str(directory / "PROVENANCE.json")),
+                         (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
     return directory
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m known.registry ship``: copy a registered or saved KNOWN into the package, with provenance."""
-    import argparse
-    import json
-    import sys
+    """``python -m known.registry ship``: write a registered or saved KNOWN, with its provenance, to a folder
+    (the repository's shipped KNOWN is known/weights/: ``--out known/weights`` in a checkout)."""
+    from meta import cli
 
-    p = argparse.ArgumentParser(prog="python -m known.registry", description=main.__doc__)
+    p = cli.Parser(prog="python -m known.registry", description=main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("ship", help="make a KNOWN the one that ships in known/weights/")
+    sp = sub.add_parser("ship", help="write a KNOWN with its provenance to a folder (the repository ships known/weights/)")
     sp.add_argument("--model", required=True, help="models:/KNOWN@champion, models:/KNOWN/<version> or a folder")
-    sp.add_argument("--shards", required=True, help="the meta-dataset it was trained on (its catalog is hashed)")
-    sp.add_argument("--tracking-uri", default=None)
+    cli.add_collection(sp, "--shards", required=True, help="the collection it was trained on (its catalog is hashed)")
+    sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of models:/ (default $MLFLOW_TRACKING_URI "
+                    "or sqlite:///mlflow.db)")
     sp.add_argument("--validation", nargs="*", default=[], metavar="FILE", help="JSON/markdown files of validation numbers to embed")
     sp.add_argument("--command", action="append", default=[], help="a command line that produced it (repeatable)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created if missing; "
+                    "known/weights in a checkout to replace the repository's shipped KNOWN)")
     args = p.parse_args(argv)
     from mlflow.exceptions import MlflowException
 
-    from meta import catalog
+    from meta import catalog, storage
 
     try:  # everything is read before anything is written: a bad input leaves the shipped KNOWN as it was
+        storage.check_output(args.out, folder=True, flag="--out")
+        cli.require_collection(args.collection)
+        digest = catalog_sha256(args.collection)
+        rows = catalog.read(args.collection)
+        validation = {Path(v).name: validation_file(v) for v in args.validation}
         models = load_predictor("known", args.model, args.tracking_uri)
-        digest = catalog_sha256(args.shards)
-        rows = catalog.read(args.shards)
-        validation = {Path(v).name: (json.loads(Path(v).read_text()) if v.endswith(".json") else Path(v).read_text())
-                      for v in args.validation}
-    except (OSError, ValueError, MlflowException) as e:  # missing files / versions, unreadable catalog, bad JSON
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (KnownError, OSError, MlflowException) as e:  # missing files / versions, an unreadable catalog
+        return cli.fail(e)
     done = [r for r in rows if r["status"] == "done"]
     provenance = {
         "model": args.model,
@@ -224,9 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": {k: m.inputs for k, m in models.items()},
         "protocol": protocol_of(done),
     }
-    out = ship(models, provenance)
+    out = ship(models, provenance, Path(args.out))
     print(f"shipped KNOWN to {out} (trained on {len(done)} sweeps, catalog sha256 {digest[:12]}…)")
     return 0
+
+
+def validation_file(path: str) -> dict | str:
+    """A file of validation numbers as ``ship`` embeds it: parsed JSON, or the text of anything else."""
+    import json
+
+    try:
+        text = Path(path).read_text()
+        return json.loads(text) if path.endswith(".json") else text
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KnownError(f"--validation {path} is not {'JSON' if path.endswith('.json') else 'text'}: {e}") from None
 
 
 def catalog_sha256(shards: str) -> str:

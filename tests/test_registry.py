@@ -1,6 +1,11 @@
 """The KNOWN registry: one predictor loader, pyfunc versions, lineage tags and the champion rule."""
 
+import json
 import math
+import os
+import site
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -57,6 +62,78 @@ def test_pyfunc_from_the_registry_predicts_windows_like_the_known_it_registered(
     # the loader reads the same version's safetensors
     loaded = registry.load_predictor("known", "models:/KNOWN/1", tracking)
     assert torch.equal(loaded["bias"].head.weight, models["bias"].head.weight)
+
+
+# run with ``python -S`` and only site-packages on the path: no checkout, no editable install of ``known``
+CLEAN_LOAD = """
+import json, sys
+from pathlib import Path
+try:
+    import known
+except ModuleNotFoundError:
+    pass
+else:
+    sys.exit(f"known is importable here, from {known.__file__}")
+assert not any(Path(p, "known", "registry.py").exists() for p in sys.path), sys.path
+import mlflow, pandas as pd
+windows = pd.DataFrame(**json.loads(Path(sys.argv[1]).read_text())["dataframe_split"])
+pred = mlflow.pyfunc.load_model("models:/KNOWN@champion").predict(windows)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("known", "meta", "ray", "torchvision"))
+Path(sys.argv[2]).write_text(json.dumps({"predictions": pred.tolist(), "heavy": heavy}))
+"""
+
+
+def test_a_registered_known_predicts_where_the_repository_is_not_installed(tracking, tmp_path, recwarn):
+    """The version carries its code, an input example and a signature: a clean interpreter (no ``known``) loads
+    it and predicts what this process predicts, and so does ``mlflow models predict``."""
+    import mlflow
+
+    _publish(registry.fresh(3, "rms"), 0.9, "a", tracking)
+    assert not [w for w in recwarn if "type hints" in str(w.message) or "input example" in str(w.message)]
+    info = mlflow.models.get_model_info("models:/KNOWN/1")
+    assert info.signature.inputs.input_names() == list(registry.WINDOW_COLUMNS) and info.saved_input_example_info
+    windows = _windows().astype({c: np.float64 for c in registry.WINDOW_COLUMNS[:-1]})
+    request = tmp_path / "windows.json"
+    request.write_text(json.dumps({"dataframe_split": {"columns": list(windows.columns), "data": windows.values.tolist()}}))
+    want = mlflow.pyfunc.load_model("models:/KNOWN@champion").predict(windows)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages()), "MLFLOW_TRACKING_URI": tracking}
+    loaded = subprocess.run([sys.executable, "-S", "-c", CLEAN_LOAD, str(request), str(tmp_path / "loaded.json")],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    got = json.loads((tmp_path / "loaded.json").read_text())
+    np.testing.assert_allclose(got["predictions"], want, rtol=1e-6)
+    assert got["heavy"] == []  # the pyfunc's code is KNOWN's model and its prediction: no Ray, torchvision, known
+    cli = subprocess.run([sys.executable, "-S", "-m", "mlflow", "models", "predict", "-m", "models:/KNOWN@champion",
+                          "-i", str(request), "-o", str(tmp_path / "cli.json"), "-t", "json", "--env-manager", "local"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    np.testing.assert_allclose(json.loads((tmp_path / "cli.json").read_text())["predictions"], want, rtol=1e-6)
+
+
+def test_ship_writes_the_folder_it_is_given_and_leaves_the_package_alone(tmp_path, capsys):
+    from meta import catalog
+
+    shipped = {f.name: f.read_bytes() for f in registry.SHIPPED.iterdir() if f.is_file()}
+    catalog.append(tmp_path / "coll", [catalog.failed_row("s0", {"family": "cnn"}, "failed in a test", 3)], seq=0)
+    models = registry.fresh(4, "rms")
+    source = registry.save_dir(models, tmp_path / "saved")
+    args = ["ship", "--model", str(source), "--shards", str(tmp_path / "coll")]
+    assert registry.main([*args, "--out", str(tmp_path / "out" / "weights")]) == 0
+    got = registry.load_predictor("known", str(tmp_path / "out" / "weights"))
+    assert torch.equal(got["conv"].head.weight, models["conv"].head.weight)
+    provenance = json.loads((tmp_path / "out" / "weights" / "PROVENANCE.json").read_text())
+    assert provenance["model"] == str(source) and provenance["catalog_sha256"] == catalog.digest(str(tmp_path / "coll"))
+    assert {f.name: f.read_bytes() for f in registry.SHIPPED.iterdir() if f.is_file()} == shipped
+    capsys.readouterr()
+    (tmp_path / "file").write_text("x")
+    assert registry.main([*args, "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'file'} is a file" in err
+    with pytest.raises(SystemExit) as exit:  # no default: the package's own folder is written only when asked
+        registry.main(args)
+    assert exit.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_bad_windows_and_bad_uris_are_one_line_errors(tracking):
