@@ -21,11 +21,11 @@ $(VENV)/.installed: pyproject.toml
 # Datasets in torchvision's layout under $(DATA): from the local copy when there is one, else downloaded.
 data: setup
 	@if [ -x $(SHARED_DATA)/extract.sh ]; then $(SHARED_DATA)/extract.sh $(DATA); \
-	else $(PY) -m collectors.data --root $(DATA) --download; fi
+	else $(PY) -m collectors.data --data-root $(DATA) --download; fi
 
 # End to end on small defaults: collect 10 sweeps, then a transfer experiment with the shipped KNOWN.
 demo: data
-	$(PY) collectors/launch.py --config configs/demo.yaml --out $(OUT) --data-root $(DATA) $(CIFAR_FLAG)
+	$(PY) collectors/launch.py --config configs/demo.yaml --collection $(OUT) --data-root $(DATA) $(CIFAR_FLAG)
 	RAY_ADDRESS=local $(PY) -m evaluation.transfer --config configs/eval-smoke.yaml --data-root $(DATA)
 
 test: setup services

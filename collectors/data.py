@@ -169,22 +169,21 @@ def normalize(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m collectors.data --root DIR --download``: fetch the three datasets (needs internet)."""
-    import argparse
+    """``python -m collectors.data --data-root DIR --download``: fetch the three datasets (needs internet)."""
+    from meta import cli
 
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--root", default=None, help=f"dataset root (default: ${ENV_ROOT})")
+    p = cli.Parser(prog="python -m collectors.data", description=main.__doc__)
+    p.add_flag("--data-root", "--root", default=None, help=f"dataset root (default: ${ENV_ROOT})")
     p.add_argument("--download", action="store_true", help="download what is missing")
     p.add_argument("--unverified-cifar10", action="store_true", help="accept a locally rebuilt CIFAR-10 copy")
     args = p.parse_args(argv)
     try:
-        settings = DataSettings(resolve_root(args.root), args.download, args.unverified_cifar10)
+        settings = DataSettings(resolve_root(args.data_root), args.download, args.unverified_cifar10)
         for name in DATASETS:
             split = load(name, settings, True)
             print(f"{name}: {len(split)} training images under {settings.root}")
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     return 0
 
 

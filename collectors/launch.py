@@ -1,7 +1,7 @@
 """Collect forgetting sweeps into a meta-dataset (webdataset shards + parquet catalog).
 
-    python -m collectors.launch --config configs/demo.yaml --out runs/demo --data-root .data
-    ray job submit --working-dir . -- python collectors/launch.py --config … --out s3://bucket/meta --num-workers 64
+    python -m collectors.launch --config configs/demo.yaml --collection runs/demo --data-root .data
+    ray job submit --working-dir . -- python collectors/launch.py --config … --collection s3://bucket/meta --workers 64
 
 Running the same command again resumes: finished sweeps are skipped, unfinished ones are redone.
 Exit status: 0 every requested sweep is done; 1 some failed (the summary says why); 2 bad input (nothing ran).
@@ -19,19 +19,21 @@ if __package__ in (None, ""):  # run as a script (`python collectors/launch.py`)
 
 from collectors import data  # noqa: E402
 from collectors.config import ConfigError, load_config, sample_specs  # noqa: E402
-from meta import catalog, status, storage  # noqa: E402
+from meta import catalog, cli, status, storage  # noqa: E402
 
-EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, cli.EXIT_BAD_INPUT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python collectors/launch.py", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML collection config (see configs/demo.yaml)")
-    p.add_argument("--out", required=True, help="output folder or URI (s3://…); holds catalog.parquet and shards/")
+    cli.add_collection(p, "--out", required=True, help="the collection to write or resume: a folder or URI (s3://…); "
+                       "holds catalog.parquet and shards/")
     p.add_argument("--data-root", default=None, help=f"dataset root in torchvision's layout (default: ${data.ENV_ROOT})")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="worker actors to request; those the cluster cannot place yet wait for the autoscaler "
-                        "(default: what the cluster's CPUs hold now / cpus_per_worker)")
+    p.add_flag("--workers", "--num-workers", type=int, default=None,
+               help="worker actors to request; those the cluster cannot place yet wait for the autoscaler "
+                    "(default: what the cluster's CPUs hold now / cpus_per_worker)")
     p.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
     p.add_argument("--unverified-cifar10", action="store_true",
                    help="load a locally rebuilt CIFAR-10 whose md5s differ from torchvision's (e.g. ../shared/data)")
@@ -48,8 +50,8 @@ def _live_view(args: argparse.Namespace, n_sweeps: int, num_workers: int | None)
     from collectors.progress import MlflowProgress
     from known.tracking import tracking_uri
 
-    params = {"config": args.config, "out": args.out, "num_sweeps": n_sweeps, "num_workers": num_workers or "auto"}
-    return MlflowProgress(tracking_uri(args.tracking_uri), f"collect {Path(args.out).name}", params)
+    params = {"config": args.config, "out": args.collection, "num_sweeps": n_sweeps, "num_workers": num_workers or "auto"}
+    return MlflowProgress(tracking_uri(args.tracking_uri), f"collect {Path(args.collection).name}", params)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,24 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:  # everything that can be checked is checked before Ray starts
         config = load_config(args.config)
-        if args.num_workers is not None and args.num_workers < 1:
-            raise ConfigError(f"--num-workers must be >= 1, got {args.num_workers}")
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         settings = data.DataSettings(data.resolve_root(args.data_root), args.download or config.data.download,
                                      args.unverified_cifar10 or config.data.unverified_cifar10)
         data.preflight(config.space.datasets, settings)  # opens each dataset as the workers will
-        storage.check_writable(args.out)
-        catalog.read(args.out)  # what a resume appends to: a corrupt one stops here, untouched
+        storage.check_output(args.collection, folder=True, flag="--collection")
+        catalog.read(args.collection)  # what a resume appends to: a corrupt one stops here, untouched
     except (ConfigError, data.DataError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return cli.fail(e)
 
     from collectors.collect import collect  # imports Ray: only once the inputs are known to be good
 
     specs = sample_specs(config)
-    num_workers = args.num_workers or config.workers.num_workers  # the flag wins over the config
+    num_workers = args.workers or config.workers.num_workers  # the flag wins over the config
     view = _live_view(args, len(specs), num_workers)
-    summary = collect(specs, args.out, settings, config.workers, num_workers, args.retry_failed, on_progress=view)
-    st = status.status(storage.normalize(args.out))
+    summary = collect(specs, args.collection, settings, config.workers, num_workers, args.retry_failed, on_progress=view)
+    st = status.status(storage.normalize(args.collection))
     if view is not None:
         view.finish(summary, st)
     print(summary.text())

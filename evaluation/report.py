@@ -19,7 +19,9 @@ from pathlib import Path
 import yaml
 
 from evaluation.summary import EXPERIMENT, ROLE_TAG, ci_cell, fraction_cell, target_results
-from known.tracking import tracking_uri
+from known import KnownError
+from known.tracking import existing_store
+from meta import cli, storage
 
 PLOTS = ("accuracy.png", "forgetting_curve.png", "pca_plane.png")
 
@@ -100,24 +102,28 @@ def latest_runs(client, experiment_id: str, names: list[str] | None) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m evaluation.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/results.md", help="markdown file to write (plots go beside it, in results/)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--names", nargs="*", default=None, help="only these config names")
     args = p.parse_args(argv)
 
+    try:
+        storage.check_output(args.out, folder=False, flag="--out")
+        storage.check_output(str(Path(args.out).parent / "results"), folder=True, flag="--out's results/")
+        uri = existing_store(args.tracking_uri)
+    except (KnownError, storage.StorageError) as e:
+        return cli.fail(e)
+
     import mlflow
     from mlflow import MlflowClient
 
-    uri = tracking_uri(args.tracking_uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(args.experiment)
     runs = latest_runs(client, exp.experiment_id, args.names) if exp else []
     if not runs:
-        print(f"error: no finished experiment runs in {args.experiment!r} at {uri}", file=sys.stderr)
-        return 2
+        return cli.fail(f"no finished experiment runs in {args.experiment!r} at {uri}")
     out = Path(args.out)
     figures = out.parent / "results"
     sections, overview = [HEADER.format(out=args.out, experiment=args.experiment)], []
@@ -137,10 +143,7 @@ def main(argv=None) -> int:
                                          f"`{run.data.params.get('config_name')}` (its YAML is the run's `config.yaml` artifact).", 1))
             sections.append(" ".join(f"![{plot[:-4]}](results/{name}/{plot})" for plot in PLOTS if (art / plot).is_file()) + "\n")
     sections.insert(1, OVERVIEW + "\n".join(overview) + "\n")
-    tmp = out.with_suffix(".md.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("\n".join(sections))
-    tmp.replace(out)
+    storage.write_atomic(*storage.resolve(str(out)), "\n".join(sections).encode())
     print(f"wrote {out} ({len(runs)} experiments)")
     return 0
 

@@ -43,9 +43,12 @@ from evaluation import inits as initmod
 from evaluation import plots, summary, tracking
 from evaluation.config import PROTOCOL_FIELDS, Downstream, Source, Task, TransferConfig, load_config
 from evaluation.finetune import task_split
+from known import KnownError
 from known.model import S
 from known.predict import reestimate_bn, retrodict
-from known.tracking import use_tracking
+from known.tracking import tracking_uri, use_tracking
+from meta import cli
+from meta.shards import ShardError
 
 log = logging.getLogger(__name__)
 EXPERIMENT, ROLE_TAG = summary.EXPERIMENT, summary.ROLE_TAG
@@ -395,15 +398,16 @@ def load_predictors(cfg: TransferConfig, tracking_flag: str | None) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evaluation.transfer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m evaluation.transfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (see configs/eval-smoke.yaml)")
     p.add_argument("--data-root", default=None, help=f"datasets in torchvision's layout (default ${data.ENV_ROOT})")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment name")
-    p.add_argument("--workers", type=int, default=None, help="parallel fine-tunes (default: config, else cluster CPUs)")
+    p.add_flag("--workers", "--num-workers", type=int, default=None, help="parallel fine-tunes (default: config, else cluster CPUs)")
     p.add_argument("--fresh", action="store_true", help="start a new parent run even where an unfinished one of this config exists")
     p.add_argument("--unverified-cifar10", action="store_true", help="accept a locally rebuilt CIFAR-10 (e.g. ../shared/data)")
+    p.add_argument("--no-system-metrics", dest="system_metrics", action="store_false", help="do not log MLflow's "
+                   "system metrics (the driver machine's CPU, memory, disk, network; GPU with nvidia-ml-py) with the parent run")
     return p.parse_args(argv)
 
 
@@ -454,23 +458,27 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg, settings, models, reused = check(args)
-    except (ConfigError, data.DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, data.DataError, KnownError, ShardError, OSError) as e:  # OSError: a missing file or store
+        return cli.fail(e)
 
     import mlflow
     import ray
+    from mlflow.exceptions import MlflowException
 
+    try:  # before Ray starts: a bad store is one line, not a traceback after a cluster start
+        uri = use_tracking(args.tracking_uri, args.experiment)
+    except MlflowException as e:
+        return cli.fail(f"MLflow tracking store {tracking_uri(args.tracking_uri)}: {e.message}")
     if not ray.is_initialized():
         ray.init()
-    uri = use_tracking(args.tracking_uri, args.experiment)
     client = mlflow.MlflowClient(uri)
     exp_id = client.get_experiment_by_name(args.experiment).experiment_id
     text = Path(args.config).read_text()
     digest = tracking.config_digest(text)
     resume = None if args.fresh else tracking.unfinished_parent(client, exp_id, digest)
-    run = (mlflow.start_run(run_id=resume) if resume else
-           mlflow.start_run(run_name=cfg.name, tags={ROLE_TAG: "experiment", tracking.CONFIG_TAG: digest}))
+    run = (mlflow.start_run(run_id=resume, log_system_metrics=args.system_metrics) if resume else
+           mlflow.start_run(run_name=cfg.name, tags={ROLE_TAG: "experiment", tracking.CONFIG_TAG: digest},
+                            log_system_metrics=args.system_metrics))
     with run as parent:
         pid = parent.info.run_id
         protocol, note = protocol_check(cfg)

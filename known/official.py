@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from known import KnownError
 from known.model import KNOWN
 
 FILES = {"conv": "KNOWN_Conv.h5", "linear": "KNOWN_FC.h5", "bias": "KNOWN_Bias.h5"}
@@ -40,10 +41,10 @@ def load_h5(path: str | Path) -> KNOWN:
     with h5py.File(path, "r") as f:
         for keras_name, torch_name in layer_map().items():
             if keras_name not in f:
-                raise ValueError(f"{path}: layer {keras_name!r} missing; is this a KNOWN weight file?")
+                raise KnownError(f"{path}: layer {keras_name!r} missing; is this a KNOWN weight file?")
             group = f[keras_name][keras_name] if keras_name in f[keras_name] else f[keras_name]
             if "kernel:0" not in group or "bias:0" not in group:
-                raise ValueError(f"{path}: layer {keras_name!r} lacks kernel:0 / bias:0")
+                raise KnownError(f"{path}: layer {keras_name!r} lacks kernel:0 / bias:0")
             kernel = np.asarray(group["kernel:0"], dtype=np.float32)
             bias = np.asarray(group["bias:0"], dtype=np.float32)
             state[f"{torch_name}.weight"] = torch.from_numpy(kernel.T.copy())
@@ -51,7 +52,7 @@ def load_h5(path: str | Path) -> KNOWN:
     expected = model.state_dict()
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, KNOWN expects {tuple(expected[k].shape)}")
+            raise KnownError(f"{path}: {k} has shape {tuple(v.shape)}, KNOWN expects {tuple(expected[k].shape)}")
     model.load_state_dict(state)
     return model.eval()
 

@@ -9,8 +9,9 @@ bounded chunks: one batched call per chunk instead of a loop over layers.
 
 from __future__ import annotations
 
-import argparse
+import pickle
 import sys
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from collectors import data, zoo
 from known import KnownError, baselines, native, registry
 from known.fast import FastKNOWN, NativeKNOWN
 from known.model import PREDICTED_KINDS, S, KNOWN, segment_rms
+from meta import cli, storage
 
 METHODS = ("known", "known-official", *baselines.METHODS)
 
@@ -200,20 +202,26 @@ def reestimate_bn(model: nn.Module, batches: Iterable | str, images: torch.Tenso
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from a torch file loaded with weights_only=True (no pickle code)."""
+    """A state dict from .safetensors, or from a file written by ``torch.save`` loaded with weights_only=True (no
+    pickle code); anything else, a bare pickle above all, is refused unread."""
     path = Path(path)
     if not path.is_file():
         raise PredictError(f"stage file not found: {path}")
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path))
+        if not zipfile.is_zipfile(path):  # torch.save's format; a bare pickle is never handed to an unpickler
+            raise PredictError(f"{path} is neither .safetensors nor a torch.save state dict (.pt/.pth)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (safetensors.SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
+        raise PredictError(f"{path} is not a readable state dict: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PredictError(f"{path} does not hold a flat state dict of tensors")
     return state
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m known.predict",
         description="Predict knowledge-overflowed weights (Θ-1, Θ-2, …) from S=5 stage checkpoints of one model.",
     )
@@ -225,26 +233,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="how many stages back to predict (×1/r, ×1/r², …)")
     p.add_argument("--official", metavar="DIR", help="folder with KNOWN_Conv.h5, KNOWN_FC.h5, KNOWN_Bias.h5")
     p.add_argument("--known", metavar="URI", help="our KNOWN for --method known: models:/KNOWN@champion, "
-                   "models:/KNOWN/<version> (MLFLOW_TRACKING_URI) or a folder of safetensors (default: the shipped one)")
+                   "models:/KNOWN/<version> or a folder of safetensors (default: the shipped one)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of --known models:/… "
+                   "(default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/step1.safetensors … (one per step)")
     args = p.parse_args(argv)
     try:
+        if args.steps < 1:
+            raise PredictError(f"--steps must be >= 1, got {args.steps}")
+        storage.check_output(args.out, folder=True, flag="--out")
         stages = [load_state(f) for f in args.stages]
         source = args.official if args.method == "known-official" else args.known
         if args.method == "known-official" and not source:
             raise PredictError("--method known-official needs --official DIR")
-        models = registry.load_predictor(args.method, source)
+        models = registry.load_predictor(args.method, source, args.tracking_uri)
         preds = retrodict(stages, args.steps, args.method, models=models)
-    except (KnownError, FileNotFoundError, ValueError) as e:  # KnownError: one line, e.g. a bad models:/ URI
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    except (KnownError, OSError) as e:  # OSError: a missing or unreadable file, an unwritable --out
+        return cli.fail(e)
+    fs, out = storage.resolve(args.out)
+    fs.create_dir(out, recursive=True)
     for i, state in enumerate(preds, 1):
-        tmp = out / f".step{i}.safetensors.tmp"
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(out / f"step{i}.safetensors")
-        print(f"step {i} (×1/r^{i}) -> {out / f'step{i}.safetensors'}")
+        path = storage.join(out, f"step{i}.safetensors")
+        storage.write_atomic(fs, path, safetensors.torch.save({k: v.contiguous() for k, v in state.items()}))
+        print(f"step {i} (×1/r^{i}) -> {path}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Meta-train KNOWN on a collected meta-dataset: a Ray Train job that streams the shards.
 
-    python -m known.train --shards runs/demo --epochs 3
-    ray job submit --working-dir . -- python -m known.train --shards s3://bucket/meta …
+    python -m known.train --collection runs/demo --epochs 3
+    ray job submit --working-dir . -- python -m known.train --collection s3://bucket/meta …
 
 Sweeps are split into train / validation by sweep id (never by scalar). Ray Data reads the shards (safe
 decoder, files shuffled), turns every sweep into windows (one row per scalar: 5 inputs, 1 target, kind)
@@ -29,6 +29,7 @@ import logging
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch import nn
 from known import baselines, native, predict, registry, tracking
 from known.model import INPUT_MODES, PREDICTED_KINDS, S
 from known.windows import KIND_IDS, is_validation, sweep_windows
-from meta import catalog, readers, storage, verify
+from meta import catalog, cli, readers, storage, verify
 from meta.record import CHANCE_MARGIN, learned
 
 METRIC = registry.METRIC
@@ -359,7 +360,8 @@ def train_loop(cfg: dict) -> None:
 
     def report(metrics: dict, at: Progress) -> None:
         if mlflow:
-            mlflow.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), 0, at.step) for k, v in metrics.items()])
+            now = int(time.time() * 1000)  # MLflow's wall-time axis: a timestamp of 0 would put the run in 1970
+            mlflow.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), now, at.step) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as d:
             ck = ray.train.Checkpoint.from_directory(_checkpoint_dir(models, opt, at, d)) if ctx.get_world_rank() == 0 else None
             ray.train.report({**metrics, RANK: metrics.get(METRIC, UNMEASURED), "step": at.step, "epoch": at.epoch,
@@ -409,9 +411,8 @@ def require_counts(p: argparse.ArgumentParser, args: argparse.Namespace, names: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m known.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="meta-dataset folder or URI (catalog.parquet + shards/)")
+    p = cli.Parser(prog="python -m known.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_collection(p, "--shards", required=True, help="the collection: a folder or URI (catalog.parquet + shards/)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
     p.add_argument("--batch-size", type=int, default=8192, help="scalar windows per optimisation step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -430,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bias-repeat", type=int, default=64, help="repeat bias windows this many times in training "
                    "(biases are rare: without it the bias KNOWN sees a few rows per batch)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (data-parallel)")
+    p.add_flag("--workers", "--num-workers", type=int, default=1, help="Ray Train workers (data-parallel)")
     p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs each training worker reserves; the rest "
                    "of the cluster's CPUs stay free for Ray Data (so a CPU-only cluster cannot deadlock)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
@@ -440,11 +441,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="known-meta-training", help="MLflow experiment")
     p.add_argument("--no-register", action="store_true", help="do not register the result in the model registry")
+    p.add_argument("--no-system-metrics", dest="system_metrics", action="store_false", help="do not log MLflow's "
+                   "system metrics (the driver machine's CPU, memory, disk, network; GPU with nvidia-ml-py) with the run")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
                    help="train on GPUs (default: when the Ray cluster has any, whatever the driver's machine has)")
     p.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs even on a cluster with GPUs")
     args = p.parse_args(argv)
-    require_counts(p, args, ("epochs", "batch_size", "checkpoint_every", "num_workers", "shuffle_buffer", "bias_repeat",
+    require_counts(p, args, ("epochs", "batch_size", "checkpoint_every", "workers", "shuffle_buffer", "bias_repeat",
                              "sweeps_per_block"))
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -490,16 +493,16 @@ def log_lineage(args, rows: list[dict], train_ids: set[str], val_ids: set[str]) 
     import mlflow
     import pandas as pd
 
-    digest = registry.catalog_sha256(args.shards)
+    digest = registry.catalog_sha256(args.collection)
     used = [r for r in rows if r["sweep_id"] in train_ids | val_ids]
     df = pd.DataFrame({"sweep_id": [r["sweep_id"] for r in used], "family": [r["family"] for r in used],
                        "dataset": [r["dataset"] for r in used],
                        "split": ["validation" if r["sweep_id"] in val_ids else "train" for r in used]})
-    mlflow.log_input(mlflow.data.from_pandas(df, source=storage.normalize(args.shards), name="meta-dataset",
+    mlflow.log_input(mlflow.data.from_pandas(df, source=storage.normalize(args.collection), name="meta-dataset",
                                              digest=digest[:32]), context="training", tags={"catalog_sha256": digest})
     mlflow.log_dict({split: registry.by_family_dataset([r for r in used if (r["sweep_id"] in val_ids) == (split == "validation")])
                      for split in ("train", "validation")}, "sweeps_by_family_dataset.json")
-    return {"catalog_sha256": digest, registry.VAL_DIGEST: validation_digest(val_ids), "shards": args.shards}
+    return {"catalog_sha256": digest, registry.VAL_DIGEST: validation_digest(val_ids), "shards": args.collection}
 
 
 def _start_run(args):
@@ -510,10 +513,10 @@ def _start_run(args):
     run_id = stored_run_id(args)
     if run_id:
         try:
-            return mlflow.start_run(run_id=run_id), True
+            return mlflow.start_run(run_id=run_id, log_system_metrics=args.system_metrics), True
         except MlflowException as e:
             log.warning("run %s of %s/%s not in this tracking store (%s): starting a new one", run_id, args.storage, args.name, e)
-    run = mlflow.start_run(run_name=args.name)
+    run = mlflow.start_run(run_name=args.name, log_system_metrics=args.system_metrics)
     store_run_id(args, run.info.run_id)
     return run, False
 
@@ -521,30 +524,31 @@ def _start_run(args):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if not catalog.exists(args.shards):
-            raise storage.StorageError(f"no catalog under {args.shards}: not a collection's output (yet)")
-        done = [r for r in catalog.read(args.shards) if r["status"] == "done"]
-        verify.require_intact(args.shards, catalog.read_table(args.shards, verify.COLUMNS))
+        cli.require_collection(args.collection)
+        done = [r for r in catalog.read(args.collection) if r["status"] == "done"]
+        verify.require_intact(args.collection, catalog.read_table(args.collection, verify.COLUMNS))
+        storage.check_output(args.storage, folder=True, flag="--storage")
     except storage.StorageError as e:  # an unreachable location, a corrupt catalog, a damaged shard
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     rows = training_rows(done, args.keep_unlearned)
     if not rows:
-        print(f"error: no done sweeps{' that learned' if done else ''} in {args.shards}'s catalog", file=sys.stderr)
-        return 2
+        return cli.fail(f"no done sweeps{' that learned' if done else ''} in {args.collection}'s catalog")
     train_ids, val_ids = split(rows, args.val_fraction, args.train_fraction)
     if not val_ids or not train_ids:
-        print(f"error: {len(rows)} sweeps cannot be split into train and validation with --val-fraction "
-              f"{args.val_fraction} and --train-fraction {args.train_fraction}; collect more sweeps or change the "
-              "fractions", file=sys.stderr)
-        return 2
+        return cli.fail(f"{len(rows)} sweeps cannot be split into train and validation with --val-fraction "
+                        f"{args.val_fraction} and --train-fraction {args.train_fraction}; collect more sweeps or change "
+                        "the fractions")
 
     import mlflow
     import ray
+    from mlflow.exceptions import MlflowException
 
+    try:  # before Ray starts: a bad store is one line, not a traceback after a cluster start
+        uri = tracking.use_tracking(args.tracking_uri, args.experiment)
+    except MlflowException as e:
+        return cli.fail(f"MLflow tracking store {tracking.tracking_uri(args.tracking_uri)}: {e.message}")
     if not ray.is_initialized():
         ray.init()
-    uri = tracking.use_tracking(args.tracking_uri, args.experiment)
     run, resumed = _start_run(args)
     try:
         with run:
@@ -572,7 +576,7 @@ def _fit_and_register(args, uri: str, run_id: str, train_ids: set[str], val_ids:
     from known.ingest import Ingest
 
     def dataset(ids, sweeps_per_block, repeat=None):
-        return readers.ray_dataset(args.shards, where=lambda r: r["sweep_id"] in ids,
+        return readers.ray_dataset(args.collection, where=lambda r: r["sweep_id"] in ids,
                                    shuffle=FileShuffleConfig(seed=args.seed)).map_batches(
             to_rows, batch_size=sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
 
@@ -584,7 +588,7 @@ def _fit_and_register(args, uri: str, run_id: str, train_ids: set[str], val_ids:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=wants_gpu(args.use_gpu, ray.cluster_resources()),
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=wants_gpu(args.use_gpu, ray.cluster_resources()),
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         datasets={"train": dataset(train_ids, args.sweeps_per_block, {"bias": args.bias_repeat}), "val": val},
         dataset_config=Ingest(),

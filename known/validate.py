@@ -7,7 +7,7 @@ keeping the newest input), and (b) the test accuracy of Θ̂k on the sweep's own
 ``keep`` (running statistics of Θk+1), ``reestimate`` (recomputed on source training images) and ``reset``
 (initial values, what the official pipeline does).
 
-    python -m known.validate --shards runs/demo --data-root .data --unverified-cifar10 --methods taskvector linearfit
+    python -m known.validate --collection runs/demo --data-root .data --unverified-cifar10 --methods taskvector linearfit
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from torch import nn
 from collectors import data, zoo
 from collectors.config import SweepSpec
 from collectors.sweep import evaluate, test_split
-from known import registry
+from known import KnownError, registry
 from known.model import S
 from known.predict import METHODS, reestimate_bn, retrodict
 from known.windows import is_validation, window_targets
-from meta import readers
+from meta import catalog, cli, readers, storage, verify
+from meta.shards import ShardError
 
 BN_POLICIES = ("keep", "reestimate", "reset")
 
@@ -97,11 +98,12 @@ def summary_table(rows: list[dict], methods: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m known.validate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="meta-dataset folder or URI")
+    p = cli.Parser(prog="python -m known.validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_collection(p, "--shards", required=True, help="the collection: a folder or URI")
     p.add_argument("--methods", nargs="+", default=["taskvector", "linearfit"], choices=METHODS)
     p.add_argument("--known", default=None, help="our KNOWN: models:/KNOWN@champion, models:/KNOWN/<v> or a folder (default: the shipped one)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of --known models:/… "
+                   "(default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--official", default=None, help="folder with the authors' KNOWN_*.h5 (for known-official)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="only the validation split of known.train with this fraction (default: every sweep)")
@@ -112,32 +114,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write every window's numbers to this file")
     args = p.parse_args(argv)
     try:
+        if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+            raise KnownError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        if args.max_sweeps is not None and args.max_sweeps < 1:
+            raise KnownError(f"--max-sweeps must be >= 1, got {args.max_sweeps}")
+        if args.json:
+            storage.check_output(args.json, folder=False, flag="--json")
+        cli.require_collection(args.collection)
+        verify.require_intact(args.collection, catalog.read_table(args.collection, verify.COLUMNS))
         settings = data.DataSettings(data.resolve_root(args.data_root), unverified_cifar10=args.unverified_cifar10)
         if "known-official" in args.methods and not args.official:
-            raise ValueError("--methods known-official needs --official DIR")
+            raise KnownError("--methods known-official needs --official DIR")
         sources = {"known": args.known, "known-official": args.official}
-        methods = {m: registry.load_predictor(m, sources.get(m)) for m in args.methods}
-    except (data.DataError, ValueError, FileNotFoundError) as e:  # ValueError includes KnownError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        methods = {m: registry.load_predictor(m, sources.get(m), args.tracking_uri) for m in args.methods}
+    except (data.DataError, KnownError, OSError) as e:  # OSError: StorageError, a missing KNOWN file
+        return cli.fail(e)
+
     def where(row: dict) -> bool:
         return ((args.val_fraction is None or is_validation(row["sweep_id"], args.val_fraction))
                 and (args.families is None or row["family"] in args.families))
 
     rows = []
-    for i, sample in enumerate(readers.iter_sweeps(args.shards, where=where)):
-        if args.max_sweeps is not None and i >= args.max_sweeps:
-            break
-        rows += validate_sweep(sample, methods, settings)
-        print(f"validated {sample.key} ({sample.record.family}, {sample.record.dataset})",
-              file=sys.stderr, flush=True)
+    try:
+        for i, sample in enumerate(readers.iter_sweeps(args.collection, where=where)):
+            if args.max_sweeps is not None and i >= args.max_sweeps:
+                break
+            rows += validate_sweep(sample, methods, settings)
+            print(f"validated {sample.key} ({sample.record.family}, {sample.record.dataset})",
+                  file=sys.stderr, flush=True)
+    except (ShardError, data.DataError) as e:  # a shard whose bytes are not the catalogued ones, a missing dataset
+        return cli.fail(e)
     if not rows:
-        print("error: no sweeps with enough stages to validate", file=sys.stderr)
-        return 2
+        return cli.fail(f"no done sweeps with enough stages in {args.collection} (selected by --val-fraction, "
+                        "--families)")
     print(summary_table(rows, list(methods)))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        storage.write_atomic(*storage.resolve(args.json), json.dumps(rows, indent=1).encode())
     return 0
 
 

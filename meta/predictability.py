@@ -1,6 +1,6 @@
 """How much per-coordinate signal a meta-dataset carries: can anything predict a stage from the five after it?
 
-    python -m meta.predictability runs/protocols/today runs/protocols/long-cosine … --out docs/predictability.md
+    python -m meta.predictability --collection runs/protocols/today runs/protocols/long-cosine … --out docs/predictability.md
 
 For every sweep and kind (conv / linear / bias), over the windows KNOWN trains on (inputs Θk+5 … Θk+1,
 target Θk), the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| of:
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from known.predict import PREDICTED_KINDS as KINDS
-from meta import catalog, readers, storage, verify
+from meta import catalog, cli, readers, storage, verify
 from meta.shards import Sample, ShardError
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ def collect_stats(roots: dict[str, str], knowns: dict[str, dict], val_fraction: 
     where = None if val_fraction is None else (lambda row: is_validation(row["sweep_id"], val_fraction))
     out = []
     for label, root in roots.items():
-        for sample in tqdm(readers.iter_sweeps(root, where=where), desc=label, unit="sweep", file=sys.stderr):
+        for sample in tqdm(readers.iter_sweeps(root, where=where), desc=label, unit="sweep", file=sys.stderr,
+                           disable=None):
             out.append(sweep_stats(sample, label, knowns))
     return out
 
@@ -253,49 +254,54 @@ def log_to_mlflow(numbers: dict, report: str, roots: dict[str, str], tracking: s
         return run.info.run_id
 
 
-def _load_knowns(specs: list[str]) -> dict[str, dict]:
-    """name -> models for each ``--known`` (``models:/…``, a folder, or ``shipped``)."""
-    from known import registry
+def _load_knowns(specs: list[str], tracking: str | None) -> dict[str, dict]:
+    """name -> models for each ``--known`` (``models:/…`` in the store ``tracking``, a folder, or ``shipped``)."""
+    from known import KnownError, registry
 
     out = {}
     for spec in specs:
         try:
-            out[f"KNOWN {spec}"] = registry.load_predictor("known", None if spec == "shipped" else spec)
-        except (FileNotFoundError, ValueError, OSError) as e:  # ValueError includes KnownError (bad models:/ URI)
+            out[f"KNOWN {spec}"] = registry.load_predictor("known", None if spec == "shipped" else spec, tracking)
+        except (KnownError, OSError) as e:  # a bad models:/ URI, a missing file, weights that are not KNOWN's
             raise PredictabilityError(f"--known {spec}: {e}") from e
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meta.predictability", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("roots", nargs="+", help="meta-dataset folders or URIs, one per protocol (labelled by folder name)")
+    p = cli.Parser(prog="python -m meta.predictability", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_collection(p, "roots", nargs="+", required=True,
+                       help="collections (folders or URIs), one per protocol (labelled by folder name)")
     p.add_argument("--out", default=None, help="write the markdown report here (default: stdout)")
     p.add_argument("--json", default=None, help="also write the numbers as JSON")
     p.add_argument("--known", nargs="*", default=[], help="KNOWNs to score too: models:/KNOWN@champion, a folder, or 'shipped'")
     p.add_argument("--keep-unlearned", action="store_true", help="count sweeps whose Θ0 never learned too")
     p.add_argument("--val-fraction", type=float, default=None, help="only the sweeps known.train holds out at this "
                    "--val-fraction (to score KNOWNs on sweeps they never saw)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the report and of --known models:/… (default "
+                   "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.val_fraction is not None and not 0 < args.val_fraction < 1:
             raise PredictabilityError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-        roots = {Path(storage.resolve(r)[1].rstrip("/")).name or r: r for r in args.roots}
-        if len(roots) != len(args.roots):
-            raise PredictabilityError(f"roots {args.roots} do not have distinct folder names (they label the protocols)")
-        missing = [r for r in args.roots if not catalog.exists(r) or not catalog.read(r)]
+        for flag, path in (("--out", args.out), ("--json", args.json)):  # before the report, not after it
+            if path:
+                storage.check_output(path, folder=False, flag=flag)
+        roots = {Path(storage.resolve(r)[1].rstrip("/")).name or r: r for r in args.collection}
+        if len(roots) != len(args.collection):
+            raise PredictabilityError(f"collections {args.collection} do not have distinct folder names (they label "
+                                      "the protocols)")
+        missing = [r for r in args.collection if not catalog.exists(r) or not catalog.read(r)]
         if missing:
             raise PredictabilityError(f"no catalog with sweeps under {missing}")
-        for r in args.roots:  # a truncated or missing shard: named now, not as a traceback after minutes of work
+        for r in args.collection:  # a truncated or missing shard: named now, not as a traceback after minutes of work
             verify.require_intact(r, catalog.read_table(r, verify.COLUMNS))
-        knowns = _load_knowns(args.known)
+        knowns = _load_knowns(args.known, args.tracking_uri)
         stats = collect_stats(roots, knowns, args.val_fraction)
     except (PredictabilityError, storage.StorageError, ShardError) as e:  # ShardError: a shard whose sha256 is off
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     command = "python -m meta.predictability " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = render(stats, list(knowns), command, args.keep_unlearned)
     numbers = summary(stats, list(knowns), args.keep_unlearned)

@@ -1,4 +1,4 @@
-"""``python -m meta.status OUT [--verify]``: what a meta-dataset holds and how its collection went.
+"""``python -m meta.status --collection DIR [--verify]``: what a meta-dataset holds and how its collection went.
 
 Works on a local folder and on object storage (``s3://…``) alike, through ``meta.storage``; reads only the
 catalog's columns it shows and the shard listing (never a shard's contents), so it is cheap while a collection
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from meta import catalog, storage, verify
+from meta import catalog, cli, storage, verify
 
 COLUMNS = ["status", "error", "family", "dataset", "r", "wall_s", "finished_at", "stage_test_acc", "shard_bytes"]
 
@@ -92,20 +92,19 @@ def verify_shards(out: str) -> list[verify.Damage]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="the collection's --out: a folder or a URI (s3://…)")
+    p = cli.Parser(prog="python -m meta.status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_collection(p, "out", required=True, help="the collection: a folder or a URI (s3://…)")
     p.add_argument("--verify", action="store_true", help="hash every shard against the catalog; exit 1 if any is damaged")
     args = p.parse_args(argv)
-    out = storage.normalize(args.out)
+    out = storage.normalize(args.collection)
     try:
-        if not catalog.exists(out):
-            print(f"error: no catalog under {out}: not a collection's output (yet)", file=sys.stderr)
-            return 2
+        cli.require_collection(out)
         print(text(status(out)))
         damaged = verify_shards(out) if args.verify else []
-    except OSError as e:  # StorageError, a missing bucket, no permission
-        print(f"error: cannot read {args.out}: {e}", file=sys.stderr)
-        return 2
+    except storage.StorageError as e:
+        return cli.fail(e)
+    except OSError as e:  # a missing bucket, no permission
+        return cli.fail(f"cannot read {args.collection}: {e}")
     for d in damaged:
         print(f"damaged: shards/{d.shard}: {d.why} ({len(d.sweeps)} sweeps; rerun the collection to redo them)")
     if args.verify:

@@ -108,14 +108,39 @@ def remove_stale_temporaries(fs: pafs.FileSystem, directory: str) -> int:
     return len(stale)
 
 
+def _probe(fs: pafs.FileSystem, directory: str) -> None:
+    """Write and delete a hidden file in ``directory``: the only proof of writability that holds for root too."""
+    probe = join(directory, f".probe-{uuid.uuid4().hex[:8]}")
+    with fs.open_output_stream(probe) as f:
+        f.write(b"ok")
+    fs.delete_file(probe)
+
+
 def check_writable(uri: str) -> None:
     """Create ``uri`` if needed and prove a file can be written there, before any expensive work."""
     fs, path = resolve(uri)
     try:
         fs.create_dir(path, recursive=True)
-        probe = join(path, f".probe-{uuid.uuid4().hex[:8]}")
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
+        _probe(fs, path)
     except Exception as e:
         raise StorageError(f"output {uri} is not writable: {e}") from e
+
+
+def check_output(uri: str, folder: bool, flag: str) -> None:
+    """Refuse an output before any work, creating nothing: a folder where a file is needed or the reverse, a
+    parent that is a file, or one that cannot be written to. ``flag`` names it in the message."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory and not folder:
+        raise StorageError(f"{flag} {uri} is a folder: give the name of a file to write")
+    if kind == pafs.FileType.File and folder:
+        raise StorageError(f"{flag} {uri} is a file: give a folder (it is created if missing)")
+    parent = path if kind == pafs.FileType.Directory else posixpath.dirname(path)
+    while fs.get_file_info(parent).type == pafs.FileType.NotFound and posixpath.dirname(parent) not in ("", parent):
+        parent = posixpath.dirname(parent)
+    if fs.get_file_info(parent).type == pafs.FileType.File:
+        raise StorageError(f"{flag} {uri} is not writable: {parent} is a file, not a folder")
+    try:
+        _probe(fs, parent)
+    except Exception as e:
+        raise StorageError(f"{flag} {uri} is not writable: {str(e).splitlines()[0]}") from e

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,3 +50,19 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory):
+    """The real datasets: $OBLIVION_DATA if it holds them, else ../shared/data unpacked (about 12 s)."""
+    from collectors import data
+
+    env = os.environ.get("OBLIVION_DATA")
+    if env and all((Path(env) / f).is_file() for d in data.DATASETS.values() for f in d.files):
+        return Path(env)
+    extract = REPO.parent / "shared" / "data" / "extract.sh"
+    if not extract.exists():
+        pytest.skip("no real data: set OBLIVION_DATA or provide ../shared/data")
+    root = tmp_path_factory.mktemp("real")
+    subprocess.run([str(extract), str(root)], check=True, capture_output=True, timeout=300)
+    return root

@@ -15,12 +15,12 @@ SCRIPTS = ("collectors/launch.py",)  # also run as a file (README, Makefile)
 
 
 def entry_points() -> list[str]:
-    """The modules of PACKAGES with an argparse ``main``: what ``python -m`` runs."""
+    """The modules of PACKAGES with an argparse ``main`` (most through ``meta.cli.Parser``): what ``python -m`` runs."""
     found = []
     for package in PACKAGES:
         for path in sorted((REPO / package).glob("*.py")):
             text = path.read_text()
-            if "def main(" in text and "argparse" in text:
+            if "def main(" in text and ("argparse" in text or "cli.Parser(" in text):
                 found.append(f"{package}.{path.stem}")
     return found
 

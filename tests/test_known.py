@@ -329,7 +329,15 @@ def test_predict_cli_defaults_to_known_and_a_bad_registry_uri_is_one_line(tmp_pa
     assert main(["--stages", *files, "--steps", "1", "--out", str(tmp_path / "out")]) == 0
     pred = safetensors.torch.load_file(str(tmp_path / "out" / "step1.safetensors"))
     assert torch.equal(pred["0.weight"], retrodict([safetensors.torch.load_file(f) for f in files], 1)[0]["0.weight"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["--stages", *files, "--known", "models:/KNOWN@champion", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot read models:/KNOWN@champion: no MLflow tracking store at") and "Traceback" not in err
+    assert not (tmp_path / "m.db").exists()  # a lookup creates no store
+    import mlflow
+
+    mlflow.MlflowClient(uri).search_registered_models()  # now a store, without the model
     assert main(["--stages", *files, "--known", "models:/KNOWN@champion", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own log lines
     assert err.startswith("error: models:/KNOWN@champion not found in the registry") and "Traceback" not in err

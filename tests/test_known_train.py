@@ -76,7 +76,11 @@ def test_split_is_by_sweep_and_deterministic():
 
 
 def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkeypatch):
+    import time
+
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # seconds; a test run is short
+    started_ms = time.time() * 1000
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = ["--shards", str(meta_root), "--batch-size", "4096", "--checkpoint-every", "5", "--val-fraction", "0.34",
             "--storage", str(tmp_path / "train"), "--tracking-uri", uri, "--keep-unlearned"]  # 1-epoch fake sweeps
@@ -100,12 +104,31 @@ def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkey
     assert second["run_id"] == first["run_id"]
     run = MlflowClient(uri).get_run(first["run_id"])
     assert run.info.status == "FINISHED" and "resumed_with" in run.data.tags
+    # the workers' metrics carry wall time (the UI's time axis), and MLflow's system metrics are there
+    history = MlflowClient(uri).get_metric_history(first["run_id"], "train_l1_conv")
+    assert history and all(started_ms <= m.timestamp <= time.time() * 1000 for m in history)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
     (dataset,) = {i.dataset.name: i for i in run.inputs.dataset_inputs}.values()
     assert dataset.dataset.name == "meta-dataset" and dataset.dataset.digest == registry.catalog_sha256(str(meta_root))[:32]
     # version 2 is the best of the two epoch-end checkpoints, with its lineage
     tags = MlflowClient(uri).get_model_version("KNOWN", "2").tags
     assert float(tags["val_rel_l1"]) == second["best_val_rel_l1"] <= second["val_rel_l1"]
     assert tags["catalog_sha256"] == registry.catalog_sha256(str(meta_root)) and len(tags["validation_sha256"]) == 64
+
+
+def test_an_unusable_tracking_store_is_refused_before_ray_starts(meta_root, tmp_path, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started before the tracking store was checked")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an unreachable server fails at once
+    assert train.main(["--shards", str(meta_root), "--storage", str(tmp_path / "train"), "--keep-unlearned",
+                       "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MLflow tracking store http://127.0.0.1:9:") and err.count("\n") == 1
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):

@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from collectors import launch
+from collectors.fake_cluster import free_port
 from conftest import REPO, tiny_config
 from meta import catalog
 
@@ -77,12 +77,6 @@ def test_a_corrupt_catalog_is_refused_before_ray_starts_and_kept(capsys, tmp_pat
     assert (out / "catalog.parquet").read_bytes() == b"not parquet"  # nothing overwritten
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 def test_ray_job_submit_smoke(tmp_path, fake_root):
     """`ray start --head` + `ray job submit … collectors/launch.py` + `ray stop`, as docs/collection.md says."""
@@ -93,7 +87,7 @@ def test_ray_job_submit_smoke(tmp_path, fake_root):
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(tiny_config(num_sweeps=2, space__families=["cnn"]).model_dump_json())
     out = tmp_path / "meta"
@@ -101,7 +95,7 @@ def test_ray_job_submit_smoke(tmp_path, fake_root):
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
              # the agents' default ports would collide with any other Ray cluster on this machine
              *[a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                              "--metrics-export-port", "--ray-client-server-port") for a in (flag, str(_free_port()))],
+                              "--metrics-export-port", "--ray-client-server-port") for a in (flag, str(free_port()))],
              "--temp-dir", ray_tmp]
     # --block: the cluster lives as long as this process, so stopping it stops only this cluster
     # (`ray stop` would stop every Ray cluster on the machine, a user's own included)
@@ -150,22 +144,6 @@ def test_ray_job_submit_smoke(tmp_path, fake_root):
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert [r.info.status for r in runs if r.data.tags.get(ROLE_TAG) == "experiment"] == ["FINISHED"]
     assert sum(r.data.tags.get(ROLE_TAG) == "finetune" for r in runs) == 22  # 11 initialisations × 2 seeds
-
-
-@pytest.fixture(scope="session")
-def real_root(tmp_path_factory):
-    """The real datasets: $OBLIVION_DATA if it holds them, else ../shared/data unpacked (about 12 s)."""
-    from collectors import data
-
-    env = os.environ.get("OBLIVION_DATA")
-    if env and all((Path(env) / f).is_file() for d in data.DATASETS.values() for f in d.files):
-        return Path(env)
-    extract = REPO.parent / "shared" / "data" / "extract.sh"
-    if not extract.exists():
-        pytest.skip("no real data: set OBLIVION_DATA or provide ../shared/data")
-    root = tmp_path_factory.mktemp("real")
-    subprocess.run([str(extract), str(root)], check=True, capture_output=True, timeout=300)
-    return root
 
 
 @pytest.mark.realdata
@@ -242,7 +220,7 @@ def test_exit_codes_and_the_live_view_in_mlflow(capsys, tmp_path, fake_root, ray
     bad = tmp_path / "diverges.yaml"
     bad.write_text(tiny_config(num_sweeps=2, space__lr=[1e9, 1e9], space__optimizers=["sgd"]).model_dump_json())
     capsys.readouterr()
-    code = launch.main(["--config", str(bad), "--out", str(tmp_path / "bad"), "--tracking-uri", f"http://127.0.0.1:{_free_port()}", *common])
+    code = launch.main(["--config", str(bad), "--out", str(tmp_path / "bad"), "--tracking-uri", f"http://127.0.0.1:{free_port()}", *common])
     out = capsys.readouterr().out
     assert code == 1 and "2 failed now" in out and "SweepDiverged" in out
     assert [r["status"] for r in catalog.read(str(tmp_path / "bad"))] == ["failed", "failed"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from test_infra import _free_port, _wait_http
+from collectors.fake_cluster import free_port
+from test_infra import _wait_http
 
 @pytest.fixture(scope="module")
 def s3_ray():
@@ -16,7 +17,7 @@ def s3_ray():
     pytest.importorskip("moto")
     import ray
 
-    port = _free_port()
+    port = free_port()
     moto = Path(os.sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
