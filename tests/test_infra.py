@@ -127,7 +127,7 @@ def test_the_shipped_clusters_start_empty_and_grow_to_what_the_collection_reques
     nodes = aws["available_node_types"]
     assert nodes[aws["head_node_type"]]["resources"] == {"CPU": 0} and nodes["cpu_worker"]["min_workers"] == 0
     assert nodes["cpu_worker"]["node_config"]["InstanceType"] == "c6i.4xlarge"  # 16 vCPUs
-    [requested] = set(re.findall(r"--num-workers (\d+)", (INFRA / "ray-up/aws.yaml").read_text()))
+    [requested] = set(re.findall(r"--workers (\d+)", (INFRA / "ray-up/aws.yaml").read_text()))
     assert int(requested) == nodes["cpu_worker"]["max_workers"] * 16 // per_worker
 
 
