@@ -55,6 +55,7 @@ StageInit = Literal["sequential", "restart"]
 Schedule = Literal["constant", "cosine"]
 OptimizerState = Literal["fresh", "carry"]
 Augment = Literal["none", "crop_flip"]
+Theta0 = Literal["epochs", "plateau"]  # Θ0 trains pretrain_epochs, or until its training loss plateaus
 SweepPath = Literal["reference", "fast"]  # the training loop (collectors.sweep.PATHS); not part of the spec
 DEFAULT_SWEEP_PATH: SweepPath = "fast"
 
@@ -65,7 +66,11 @@ class SweepSpec(_Strict):
     Protocol: ``stage_init`` sequential (stage k fine-tunes Θk−1, the paper) or restart (every stage trains
     from the same initial weights on its subset, the authors' released collector); ``schedule`` of every
     stage, pre-training included (constant, or cosine to zero over the stage); ``optimizer_state`` fresh per
-    stage or carried over; ``augment`` (random crop with padding + horizontal flip, seeded)."""
+    stage or carried over; ``augment`` (random crop with padding + horizontal flip, seeded); ``weight_decay``
+    decoupled from the gradient (Adam becomes AdamW): without it Adam behind BatchNorm grows the norms at
+    every step, so stepping "back" along a sweep shrinks by construction. ``theta0`` plateau trains Θ0 at a
+    constant rate until its training loss plateaus (``collectors.sweep.plateaued``; ``pretrain_epochs`` is
+    then the cap, and stages as long as ``pretrain_epochs`` last as long as Θ0 took)."""
 
     family: str
     arch: dict
@@ -84,6 +89,8 @@ class SweepSpec(_Strict):
     schedule: Schedule = "constant"
     optimizer_state: OptimizerState = "fresh"
     augment: Augment = "none"
+    weight_decay: float = Field(default=0.0, ge=0)
+    theta0: Theta0 = "epochs"
 
     _family = field_validator("family")(_check_family)
     _dataset = field_validator("dataset")(_check_dataset)
@@ -134,6 +141,8 @@ class SearchSpace(_Strict):
     schedule: Schedule = "constant"
     optimizer_state: OptimizerState = "fresh"
     augment: Augment = "none"
+    weight_decay: float = Field(default=0.0, ge=0)
+    theta0: Theta0 = "epochs"
 
     _families = field_validator("families")(lambda vs: [_check_family(v) for v in vs])
     _datasets = field_validator("datasets")(lambda vs: [_check_dataset(v) for v in vs])
@@ -269,6 +278,8 @@ def sample_spec(config: CollectConfig, index: int) -> SweepSpec:
         schedule=s.schedule,
         optimizer_state=s.optimizer_state,
         augment=s.augment,
+        weight_decay=s.weight_decay,
+        theta0=s.theta0,
     )
 
 

@@ -67,11 +67,29 @@ class SweepResult:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """How one stage trains: epochs on its subset, a fresh optimiser at ``lr``, optionally cosine-decayed."""
+    """How one stage trains: epochs on its subset, a fresh optimiser at ``lr``, optionally cosine-decayed;
+    with ``plateau``, ``epochs`` is a cap and the stage stops when its training loss plateaus (``plateaued``)."""
 
     epochs: int
     lr: float
     cosine: bool = False
+    plateau: bool = False
+    follow: bool = False  # as many epochs as the stage before took (after a plateau: as long as Θ0 trained)
+
+
+PLATEAU_PATIENCE, PLATEAU_TOL, PLATEAU_FLOOR = 3, 0.02, 0.005
+
+
+def plateaued(losses: list[float], patience: int = PLATEAU_PATIENCE, tol: float = PLATEAU_TOL,
+              floor: float = PLATEAU_FLOOR) -> bool:
+    """The training loss has plateaued when the best of its last ``patience`` epochs improves on the best
+    before them by less than ``tol`` of it, or by less than ``floor`` in absolute terms (a loss near zero
+    still halves, but nothing is left to learn). Θ0 stopped this way is trained as far as its data allows,
+    so a later stage forgets rather than keeps training it."""
+    if len(losses) <= patience:
+        return False
+    before, recent = min(losses[:-patience]), min(losses[-patience:])
+    return before - recent < max(tol * before, floor)
 
 
 @dataclass(frozen=True)
@@ -82,27 +100,33 @@ class Protocol:
     restart: bool = False
     carry_optimizer: bool = False
     augment: torch.Generator | None = None
+    weight_decay: float = 0.0  # decoupled (AdamW); 0: plain Adam
 
     @classmethod
     def of(cls, spec: SweepSpec, seed: int | None = None) -> Protocol:
         """The protocol of ``spec`` (or of anything with its protocol fields, seeded by ``seed``)."""
         seed = spec.seed if seed is None else seed
         aug = torch.Generator().manual_seed(seed + 3) if spec.augment == "crop_flip" else None
-        return cls(spec.stage_init == "restart", spec.optimizer_state == "carry", aug)
+        return cls(spec.stage_init == "restart", spec.optimizer_state == "carry", aug, spec.weight_decay)
 
 
-def _optimizer(name: str, model: nn.Module, lr: float, foreach: bool | None = None) -> torch.optim.Optimizer:
-    """``foreach=None`` is torch's default: on the CPU a loop over the parameters."""
+def _optimizer(name: str, model: nn.Module, lr: float, foreach: bool | None = None,
+               weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``foreach=None`` is torch's default: on the CPU a loop over the parameters. A ``weight_decay`` is
+    decoupled: Adam becomes AdamW (plain Adam where it is 0, so earlier sweeps replay exactly)."""
+    if name == "adam" and weight_decay:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=foreach)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, foreach=foreach)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, foreach=foreach)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, foreach=foreach)
 
 
-def _stage_optimizer(name: str, model: nn.Module, lr: float, carried: torch.optim.Optimizer | None, path: str):
+def _stage_optimizer(name: str, model: nn.Module, lr: float, carried: torch.optim.Optimizer | None, path: str,
+                     weight_decay: float = 0.0):
     """A fresh optimiser (each stage its own fine-tune), or ``carried`` with its moments kept and its
     learning rate set back to ``lr`` (a cosine schedule of the previous stage left it near zero)."""
     if carried is None:
-        return _optimizer(name, model, lr, foreach=True if path == "fast" else None)
+        return _optimizer(name, model, lr, foreach=True if path == "fast" else None, weight_decay=weight_decay)
     for group in carried.param_groups:
         group["lr"] = group["initial_lr"] = lr
     return carried
@@ -180,15 +204,21 @@ def train_stages(
     initial = {k: v.clone() for k, v in model.state_dict().items()} if protocol.restart else None
     stages: list[StageMetrics] = []
     snaps: list[dict[str, torch.Tensor]] = []
-    opt = None
+    opt, epochs = None, 0
     for k, (idx, plan) in enumerate(zip(subsets, plans, strict=True)):
         t0 = time.perf_counter()
         if initial is not None:
             model.load_state_dict(initial)
-        opt = _stage_optimizer(optimizer, model, plan.lr, opt if protocol.carry_optimizer else None, path)
-        sched = cosine_schedule(opt, plan.epochs, len(idx), batch_size) if plan.cosine else None
-        steps, tr_loss, tr_acc = train_epochs(model, opt, train, idx, dataset, batch_size, plan.epochs, gen, sched,
-                                              augment=protocol.augment, path=path)
+        opt = _stage_optimizer(optimizer, model, plan.lr, opt if protocol.carry_optimizer else None, path,
+                               protocol.weight_decay)
+        epochs = epochs if plan.follow else plan.epochs
+        sched = cosine_schedule(opt, epochs, len(idx), batch_size) if plan.cosine else None
+        if plan.plateau:
+            steps, tr_loss, tr_acc, epochs = _until_plateau(model, opt, train, idx, dataset, batch_size, epochs, gen,
+                                                            protocol.augment, path)
+        else:
+            steps, tr_loss, tr_acc = train_epochs(model, opt, train, idx, dataset, batch_size, epochs, gen, sched,
+                                                  augment=protocol.augment, path=path)
         te_loss, te_acc = evaluate(model, dataset, test, path=path)
         if not math.isfinite(te_loss):
             raise SweepDiverged(f"test loss became {te_loss} at stage {k}")
@@ -199,6 +229,17 @@ def train_stages(
         if on_stage:
             on_stage(m)
     return stages, snaps
+
+
+def _until_plateau(model, opt, train, idx, dataset, batch_size, cap, gen, augment, path) -> tuple[int, float, float, int]:
+    """Epochs at a constant rate until the training loss ``plateaued`` or ``cap`` epochs; (steps, loss, acc,
+    epochs) of the last."""
+    losses, steps = [], 0
+    while len(losses) < cap and not plateaued(losses):
+        n, loss, acc = train_epochs(model, opt, train, idx, dataset, batch_size, 1, gen, augment=augment, path=path)
+        steps += n
+        losses.append(loss)
+    return steps, loss, acc, len(losses)
 
 
 @torch.no_grad()
@@ -271,6 +312,10 @@ def run_sweep(
     gen = torch.Generator().manual_seed(spec.seed + 1)  # batch order
     cosine = spec.schedule == "cosine"
     plans = [StagePlan(spec.pretrain_epochs, spec.lr, cosine)] + [StagePlan(spec.stage_epochs, spec.lr, cosine)] * (spec.n_stages - 1)
+    if spec.theta0 == "plateau":  # Θ0 at a constant rate until its loss plateaus; "pretrain"-long stages follow it
+        follow = spec.stage_epochs == spec.pretrain_epochs
+        plans = [StagePlan(spec.pretrain_epochs, spec.lr, plateau=True)] + [
+            StagePlan(spec.stage_epochs, spec.lr, cosine, follow=follow)] * (spec.n_stages - 1)
     stages, snaps = train_stages(model, train, test, subsets, plans, dataset=spec.dataset, optimizer=spec.optimizer,
                                  batch_size=spec.batch_size, gen=gen, record=record, on_stage=on_stage,
                                  protocol=Protocol.of(spec), path=path)

@@ -67,6 +67,12 @@ def shrink(theta0: Mapping[str, torch.Tensor], predicted: Mapping[str, torch.Ten
     return out
 
 
+def bn_at_init(state: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor], kinds: Mapping[str, str]) -> State:
+    """``state`` with every normalisation parameter and buffer as a freshly built model has them: what the
+    released scripts' predicted networks carry (they load only layers holding exactly a kernel and a bias)."""
+    return {n: (fresh[n].clone() if kinds[n] in ("norm", "buffer") else t.clone()) for n, t in state.items()}
+
+
 def scaled(theta0: Mapping[str, torch.Tensor], kinds: Mapping[str, str], factor: float) -> State:
     """Every predicted tensor of θ0 times ``factor`` (the fixed-shrink control, λ = 0.8^k)."""
     out = {n: t.clone() for n, t in theta0.items()}

@@ -43,6 +43,24 @@ def accuracy(rows: Sequence[Mapping], path: Path) -> Path:
     return _save(fig, path)
 
 
+def lr_curves(table: Sequence[Mapping], path: Path) -> Path:
+    """Validation and test accuracy against the full-phase learning-rate factor, one line per initialisation,
+    the selected factor marked: where each arm's optimum lies and whether the grid brackets it."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for row in table:
+        f = sorted(row["val"])
+        for ax, split in zip(axes, ("val", "test")):
+            line, = ax.plot(f, [100 * row[split][x] for x in f], "o-", lw=1, ms=3, label=row["init"])
+            ax.plot([row["selected"]], [100 * row[split][row["selected"]]], "*", ms=11, color=line.get_color())
+    for ax, split in zip(axes, ("validation (selects the rate)", "test (reported)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("full-phase learning rate × config's")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(split)
+    axes[1].legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
 def forgetting(curves: Mapping[int, Mapping[str, Sequence[float]]], path: Path) -> Path:
     """Source-task test accuracy of Θ0…Θ4 per pre-training seed, BN statistics kept and re-estimated."""
     fig, ax = plt.subplots(figsize=(5.5, 4))

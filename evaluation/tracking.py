@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 CONFIG_TAG = "oblivion.config_sha256"
 CURVES = ("head_train_loss", "head_train_acc", "full_train_loss", "full_train_acc")
 Key = tuple[str, int, int]  # (init, pre-training seed, downstream seed)
+RATES = ("val_lr", "test_lr")  # a tuned fine-tune's accuracy per learning-rate factor: metric "<name><factor>"
 
 
 def config_digest(text: str) -> str:
@@ -49,6 +50,10 @@ def finished_children(client: MlflowClient, experiment_id: str, parent_id: str) 
             continue
         result = {"init": p["init"], "pretrain_seed": int(p["pretrain_seed"]), "seed": int(p["seed"]),
                   "acc_head": m["acc_head"], "acc_full": m["acc_full"], "wall_s": m.get("wall_s", float("nan"))}
+        for name in RATES:
+            rates = {float(k[len(name):]): v for k, v in m.items() if k.startswith(name)}
+            if rates:
+                result[name] = dict(sorted(rates.items()))
         done.setdefault(key_of(result), result)
     return done
 
@@ -63,6 +68,7 @@ def log_child(client: MlflowClient, experiment_id: str, parent_id: str, result: 
     now = int(time.time() * 1000)
     params = {**{k: str(v) for k, v in desc.items()}, "init": init, "pretrain_seed": str(pseed), "seed": str(seed)}
     metrics = [Metric(k, float(result[k]), now, 0) for k in ("acc_head", "acc_full", "wall_s")]
+    metrics += [Metric(f"{name}{f:g}", float(v), now, 0) for name in RATES for f, v in result.get(name, {}).items()]
     metrics += [Metric(k, float(v), now, i + 1) for k in CURVES for i, v in enumerate(result.get(k, []))]
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     client.set_terminated(rid, "FINISHED")

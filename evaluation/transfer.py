@@ -41,7 +41,7 @@ from collectors.config import ConfigError
 from collectors.sweep import Protocol, StagePlan, evaluate, nested_subsets, train_stages
 from evaluation import inits as initmod
 from evaluation import plots, summary, tracking
-from evaluation.config import PROTOCOL_FIELDS, Downstream, Source, Task, TransferConfig, load_config
+from evaluation.config import Downstream, Source, Task, TransferConfig, load_config, protocol_diff
 from evaluation.finetune import task_split
 from known import KnownError
 from known.model import S
@@ -73,6 +73,7 @@ class Trajectory:
     wall: dict[str, float] = field(default_factory=dict)
     oracles: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     source_data: tuple | None = None  # (BN images, test split) of the source task, loaded on first use
+    converged: dict[str, torch.Tensor] | None = None  # Θ0's recipe on D0 for ``converged_epochs``
 
 
 @dataclass
@@ -87,43 +88,48 @@ class Init:
 
 # -- 1. trajectories ---------------------------------------------------------------------------------------
 
-def pretrain(src: Source, pseed: int, settings: data.DataSettings, multiplier: int) -> tuple[list[dict], list[float]]:
+def pretrain(src: Source, pseed: int, settings: data.DataSettings, multiplier: int,
+             path: str = "reference", epochs: int | None = None) -> tuple[list[dict], list[float]]:
     """Θ0 on D0 (× ``multiplier``: an oracle) with the config's recipe; for D0 itself also the S−1 sweep
-    stages on nested subsets shrinking by r. The same seed gives D0 and its oracles the same initial weights
-    and a superset of the same images. Returns the snapshots and the seconds per stage."""
+    stages on nested subsets shrinking by r, unless ``epochs`` asks for Θ0 alone trained that long (the
+    "converged" control). The same seed gives D0, its oracles and its longer training the same initial
+    weights and a superset of the same images. Returns the snapshots and the seconds per stage."""
     train = task_split(src, settings, True, pseed, multiplier)
     test = task_split(src, settings, False, 0)
     torch.manual_seed(pseed)
     info = data.DATASETS[src.dataset]
     model = zoo.build(src.family, src.arch, info.channels, len(src.classes))
-    n_stages = S if multiplier == 1 else 1
+    n_stages = S if multiplier == 1 and epochs is None else 1
     subsets = nested_subsets(len(train), None, src.r, n_stages, pseed)
-    plans = [StagePlan(src.pretrain_epochs, src.pretrain_lr, src.pretrain_cosine)]
+    plans = [StagePlan(epochs or src.pretrain_epochs, src.pretrain_lr, src.pretrain_cosine)]
     plans += [StagePlan(src.stage_epochs, src.stage_lr, src.stage_cosine)] * (n_stages - 1)
     protocol = Protocol.of(src, pseed)
     walls: list[float] = []
     _, snaps = train_stages(model, train, test, subsets, plans, dataset=src.dataset, optimizer=src.optimizer,
                             batch_size=src.batch_size, gen=torch.Generator().manual_seed(pseed + 1),
-                            on_stage=lambda m: walls.append(m.wall_s), protocol=protocol)
+                            on_stage=lambda m: walls.append(m.wall_s), protocol=protocol, path=path)
     return snaps, walls
 
 
-def _pretrain_job(src_json: str, pseed: int, settings: data.DataSettings, multiplier: int):
+def _pretrain_job(src_json: str, pseed: int, settings: data.DataSettings, multiplier: int, path: str,
+                  epochs: int | None = None):
     import torch  # imported here: run as ``python -m``, this module is __main__ and Ray would pickle its globals
 
     from evaluation.config import Source
     from evaluation.transfer import pretrain
 
     torch.set_num_threads(1)
-    return pretrain(Source.model_validate_json(src_json), pseed, settings, multiplier)
+    return pretrain(Source.model_validate_json(src_json), pseed, settings, multiplier, path, epochs)
 
 
-def _trajectory(cfg: TransferConfig, snaps: list[dict], walls: list[float], oracles: dict, oracle_s: float) -> Trajectory:
+def _trajectory(cfg: TransferConfig, snaps: list[dict], walls: list[float], oracles: dict, oracle_s: float,
+                converged: dict | None = None) -> Trajectory:
     src = cfg.source
     info = data.DATASETS[src.dataset]
     kinds = zoo.tensor_kinds(zoo.build(src.family, src.arch, info.channels, len(src.classes)))
     return Trajectory(snaps, kinds, src.family, src.arch, src, src.r, src.bn_images,
-                      {"pretrain_s": walls[0], "sweep_s": sum(walls[1:]), "oracle_pretrain_s": oracle_s}, oracles)
+                      {"pretrain_s": walls[0], "sweep_s": sum(walls[1:]), "oracle_pretrain_s": oracle_s}, oracles,
+                      converged=converged)
 
 
 def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_id: str) -> dict[int, Trajectory]:
@@ -134,8 +140,10 @@ def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_i
 
     cached = {p: t for p in cfg.pretrain_seeds if (t := load_trajectory(cfg, run_id, p)) is not None}
     remote = ray.remote(num_cpus=1, max_retries=1)(_pretrain_job)
-    todo = {(p, m): remote.remote(cfg.source.model_dump_json(), p, settings, m)
-            for p in cfg.pretrain_seeds if p not in cached for m in [1, *cfg.source.oracles]}
+    extra = ["converged"] if "converged" in cfg.controls else []
+    todo = {(p, m): remote.remote(cfg.source.model_dump_json(), p, settings, 1 if m == "converged" else m, cfg.path,
+                                  cfg.source.converged_epochs if m == "converged" else None)
+            for p in cfg.pretrain_seeds if p not in cached for m in [1, *cfg.source.oracles, *extra]}
     got = {}
     with tqdm(total=len(todo), desc="pre-training (Θ0 + sweep, oracles)", unit="model") as bar:
         pending = dict(zip(todo.values(), todo.keys()))
@@ -148,7 +156,8 @@ def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_i
             continue
         snaps, walls = got[(p, 1)]
         oracles = {m: got[(p, m)][0][0] for m in cfg.source.oracles}
-        cached[p] = _trajectory(cfg, snaps, walls, oracles, sum(got[(p, m)][1][0] for m in cfg.source.oracles))
+        cached[p] = _trajectory(cfg, snaps, walls, oracles, sum(got[(p, m)][1][0] for m in cfg.source.oracles),
+                                got[(p, "converged")][0][0] if extra else None)
         save_trajectory(cached[p], run_id, p)
     return cached
 
@@ -163,6 +172,8 @@ def save_trajectory(traj: Trajectory, run_id: str, pseed: int) -> None:
             safetensors.torch.save_file({n: t.contiguous() for n, t in st.items()}, f"{d}/stage{k}.safetensors")
         for m, st in traj.oracles.items():
             safetensors.torch.save_file({n: t.contiguous() for n, t in st.items()}, f"{d}/oracle_x{m}.safetensors")
+        if traj.converged is not None:
+            safetensors.torch.save_file({n: t.contiguous() for n, t in traj.converged.items()}, f"{d}/converged.safetensors")
         mlflow.log_artifacts(d, artifact_path=f"trajectories/p{pseed}")
         Path(d, "wall.json").write_text(json.dumps(traj.wall))
         mlflow.log_artifact(f"{d}/wall.json", artifact_path=f"trajectories/p{pseed}")
@@ -179,9 +190,11 @@ def load_trajectory(cfg: TransferConfig, run_id: str, pseed: int) -> Trajectory 
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=d))
         snaps = [safetensors.torch.load_file(str(local / f"stage{k}.safetensors")) for k in range(S)]
         oracles = {m: safetensors.torch.load_file(str(local / f"oracle_x{m}.safetensors")) for m in cfg.source.oracles}
+        converged = safetensors.torch.load_file(str(local / "converged.safetensors")) if "converged" in cfg.controls else None
         wall = json.loads((local / "wall.json").read_text())
     log.info("pre-training seed %d: trajectory and oracles from the parent run's artifacts", pseed)
-    return _trajectory(cfg, snaps, [wall["pretrain_s"], wall["sweep_s"]], oracles, wall.get("oracle_pretrain_s", 0.0))
+    return _trajectory(cfg, snaps, [wall["pretrain_s"], wall["sweep_s"]], oracles, wall.get("oracle_pretrain_s", 0.0),
+                       converged)
 
 
 def protocol_check(cfg: TransferConfig) -> tuple[dict | None, str | None]:
@@ -198,11 +211,13 @@ def protocol_check(cfg: TransferConfig) -> tuple[dict | None, str | None]:
     theirs = json.loads(prov.read_text()).get("protocol") if prov.is_file() else None
     if theirs is None:
         return ours, f"protocol: the KNOWN under test records no meta-training protocol; this evaluation sweeps with {ours}."
-    diff = {k: (ours[k], theirs.get(k)) for k in PROTOCOL_FIELDS if ours[k] != theirs.get(k)}
+    diff, unknown = protocol_diff(ours, theirs)
+    tail = f" The KNOWN's provenance does not record {', '.join(unknown)}." if unknown else ""
     if not diff:
-        return ours, "protocol: the evaluation sweep follows the KNOWN's meta-training protocol (" + ", ".join(f"{k} {v}" for k, v in ours.items()) + ")."
+        return ours, ("protocol: the evaluation sweep follows the KNOWN's meta-training protocol ("
+                      + ", ".join(f"{k} {v}" for k, v in ours.items()) + ")." + tail)
     return ours, ("protocol MISMATCH: the KNOWN was meta-trained on other sweeps than it is tested on here — "
-                  + "; ".join(f"{k}: here {a}, meta-training {b}" for k, (a, b) in diff.items()) + ".")
+                  + "; ".join(f"{k}: here {a}, meta-training {b}" for k, (a, b) in diff.items()) + "." + tail)
 
 
 def from_catalog(cfg: TransferConfig) -> Trajectory:
@@ -247,8 +262,10 @@ def source_accuracy(traj: Trajectory, state: dict, settings: data.DataSettings, 
 
 # -- 2. initialisations -----------------------------------------------------------------------------------
 
-def build_inits(cfg: TransferConfig, traj: Trajectory, models: dict) -> tuple[dict[str, Init], list[dict], dict]:
-    """init id -> Init; the update decomposition rows; prediction seconds per method."""
+def naive_controls(cfg: TransferConfig, traj: Trajectory, fresh: dict) -> dict[str, Init]:
+    """naive Θ0, the oracles, and the controls that change Θ0 without a predictor: the trajectory average, BN
+    statistics reset or BN at its initial values, larger fine-tuning rates, a fixed shrink, the last stage
+    Θ_{S−1}, and Θ0's recipe trained to convergence."""
     r, theta0 = traj.r, traj.stages[0]
     out = {"naive": Init({"method": "naive", "step": 0}, theta0)}
     for m, state in traj.oracles.items():
@@ -257,6 +274,8 @@ def build_inits(cfg: TransferConfig, traj: Trajectory, models: dict) -> tuple[di
         out["average"] = Init({"method": "average", "step": 0}, initmod.average(traj.stages, traj.kinds))
     if "bn-reset" in cfg.controls:
         out["naive-bnreset"] = Init({"method": "bn-reset", "step": 0}, theta0, {"bn": "reset"})
+    if "bn-init" in cfg.controls:
+        out["naive-bninit"] = Init({"method": "bn-init", "step": 0}, initmod.bn_at_init(theta0, fresh, traj.kinds))
     if "lr" in cfg.controls:
         for f in cfg.lr_factors:
             out[f"naive-lr{f:g}"] = Init({"method": "lr", "lr_factor": f, "step": 0}, theta0, {"full_lr": cfg.downstream.full_lr * f})
@@ -264,24 +283,50 @@ def build_inits(cfg: TransferConfig, traj: Trajectory, models: dict) -> tuple[di
         for k in range(1, cfg.steps + 1):
             lam = cfg.shrink_fixed ** k
             out[f"scaled-{k}"] = Init({"method": "scaled", "lambda": round(lam, 6), "step": k}, initmod.scaled(theta0, traj.kinds, lam))
-    decomposition, wall = [], {}
+    if "last" in cfg.controls:
+        out["naive-last"] = Init({"method": "last", "step": 0, "multiplier": round(r ** (len(traj.stages) - 1), 4)}, traj.stages[-1])
+    if "converged" in cfg.controls:
+        out["naive-converged"] = Init({"method": "converged", "step": 0, "multiplier": 1}, traj.converged)
+    return out
+
+
+def predicted(cfg: TransferConfig, traj: Trajectory, models: dict, fresh: dict) -> tuple[dict[str, Init], list[dict], dict]:
+    """Each method's predictions ×1/r … ×1/r^steps and the controls matched to each prediction's update
+    (shrink-and-perturb, pure shrink); with ``predicted_bn: init`` all of them carry BatchNorm at its initial
+    values, as the released scripts' predicted networks do. Also the update decomposition and the seconds."""
+    theta0 = traj.stages[0]
+    bn = (lambda st: initmod.bn_at_init(st, fresh, traj.kinds)) if cfg.predicted_bn == "init" else (lambda st: st)
+    out, decomposition, wall = {}, [], {}
     for method in cfg.methods:
         t0 = time.perf_counter()
         preds = retrodict(traj.stages, cfg.steps, method, models=models.get(method), kinds=traj.kinds)
         wall[method] = time.perf_counter() - t0
         for k, pred in enumerate(preds, 1):
-            out[f"{method}-{k}"] = Init({"method": method, "step": k}, pred)
+            out[f"{method}-{k}"] = Init({"method": method, "step": k}, bn(pred))
             decomposition.append({"init": f"{method}-{k}", **initmod.decompose(theta0, traj.stages[1], pred, traj.kinds)})
             if method not in cfg.shrink_perturb_for:
                 continue
             if "shrink-perturb" in cfg.controls:
                 sp = initmod.shrink_perturb(theta0, pred, traj.kinds, seed=cfg.seed + k)
-                out[f"sp-{method}-{k}"] = Init({"method": "shrink-perturb", "matches": method, "step": k}, sp)
+                out[f"sp-{method}-{k}"] = Init({"method": "shrink-perturb", "matches": method, "step": k}, bn(sp))
             if "shrink" in cfg.controls:
                 out[f"shrink-{method}-{k}"] = Init({"method": "shrink", "matches": method, "step": k},
-                                                   initmod.shrink(theta0, pred, traj.kinds))
+                                                   bn(initmod.shrink(theta0, pred, traj.kinds)))
+    return out, decomposition, wall
+
+
+def build_inits(cfg: TransferConfig, traj: Trajectory, models: dict) -> tuple[dict[str, Init], list[dict], dict]:
+    """init id -> Init; the update decomposition rows; prediction seconds per method."""
+    fresh = None
+    if "bn-init" in cfg.controls or cfg.predicted_bn == "init":  # the initial values BN takes there
+        info = data.DATASETS[traj.task.dataset]
+        torch.manual_seed(cfg.seed)
+        fresh = zoo.build(traj.family, traj.arch, info.channels, len(traj.task.classes)).state_dict()
+    out = naive_controls(cfg, traj, fresh)
+    preds, decomposition, wall = predicted(cfg, traj, models, fresh)
+    out |= preds
     for init in out.values():
-        init.desc.setdefault("multiplier", round((1 / r) ** init.desc["step"], 4))
+        init.desc.setdefault("multiplier", round((1 / traj.r) ** init.desc["step"], 4))
     return out, decomposition, wall
 
 
@@ -303,17 +348,20 @@ def plan_jobs(cfg: TransferConfig, trajs: dict[int, Trajectory], inits: dict[int
             for seed in seeds if (name, p, seed) not in done]
 
 
-def _finetune_job(init, family, arch, task_json, settings, seed):
+def _finetune_job(init, family, arch, task_json, settings, seed, path, tuning_json):
+    from evaluation.config import Tuning
     from evaluation.finetune import finetune
 
-    return finetune(init, family, arch, Downstream.model_validate_json(task_json), settings, seed)
+    tuning = Tuning.model_validate_json(tuning_json) if tuning_json else None
+    return finetune(init, family, arch, Downstream.model_validate_json(task_json), settings, seed, path=path, tuning=tuning)
 
 
-def run_finetunes(jobs: list[Job], task: Downstream, settings: data.DataSettings, workers: int | None, on_result) -> list[dict]:
+def run_finetunes(jobs: list[Job], cfg: TransferConfig, settings: data.DataSettings, workers: int | None, on_result) -> list[dict]:
     """Run every job as a Ray task, one CPU each; ``on_result`` gets each result as it finishes (and logs it)."""
     import ray
     from tqdm import tqdm
 
+    task, tuning = cfg.downstream, cfg.tuning.model_dump_json() if cfg.tuning else None
     remote = ray.remote(num_cpus=1, max_retries=2)(_finetune_job)
     refs, keys, put = [], {}, {}
     limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -327,7 +375,8 @@ def run_finetunes(jobs: list[Job], task: Downstream, settings: data.DataSettings
                 if state is not None and id(state) not in put:
                     put[id(state)] = ray.put(state)
                 ref = remote.remote(put[id(state)] if state is not None else None, job.traj.family, job.traj.arch,
-                                    task.model_copy(update=job.init.finetune).model_dump_json(), settings, job.key[2])
+                                    task.model_copy(update=job.init.finetune).model_dump_json(), settings, job.key[2],
+                                    cfg.path, tuning)
                 keys[ref] = job.key
                 refs.append(ref)
             done, refs = ray.wait(refs, num_returns=1)
@@ -352,15 +401,17 @@ def write_artifacts(cfg: TransferConfig, results: list[dict], descs: dict, trajs
     """Summarise ``results`` and log the tables, JSON and plots on the active (parent) run; returns the markdown."""
     import mlflow
 
+    results, tuning = summary.select_rates(results) if cfg.tuning else (results, None)
     rows, comparisons = summary.summarize(results, descs, extras["source_acc"])
     gaps = summary.oracle_gaps(results, descs)
     first = trajs[next(iter(trajs))]
     test_n = len(task_split(first.task, settings, False, 0))
-    verdict = summary.verdicts(rows, comparisons, extras["curves"], test_n, gaps)
+    verdict = summary.verdicts(rows, comparisons, extras["curves"], test_n, gaps, tuned=tuning is not None)
     if extras["protocol_note"]:
         verdict.insert(0, extras["protocol_note"])
     wall = extras["wall"]
-    md = summary.markdown(cfg.name, rows, comparisons, gaps, extras["decomposition"], extras["curves"], wall, verdict, extras["protocol"])
+    md = summary.markdown(cfg.name, rows, comparisons, gaps, extras["decomposition"], extras["curves"], wall, verdict,
+                          extras["protocol"], tuning)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         buf = io.StringIO()
@@ -372,7 +423,11 @@ def write_artifacts(cfg: TransferConfig, results: list[dict], descs: dict, trajs
         (d / "summary.json").write_text(json.dumps({"rows": rows, "comparisons": comparisons, "gaps": gaps,
                                                      "decomposition": extras["decomposition"], "protocol": extras["protocol"],
                                                      "curves": {str(k): v for k, v in extras["curves"].items()}, "wall": wall,
-                                                     "verdicts": verdict}, indent=1))
+                                                     "verdicts": verdict, "tuning": [{**t, "val": {f"{f:g}": v for f, v in t["val"].items()},
+                                                                                     "test": {f"{f:g}": v for f, v in t["test"].items()}}
+                                                                                    for t in tuning or []]}, indent=1))
+        if tuning:
+            plots.lr_curves(tuning, d / "lr_grid.png")
         plots.accuracy(rows, d / "accuracy.png")
         plots.forgetting(extras["curves"], d / "forgetting_curve.png")
         shown = {k: s for k, s in extras["first_states"].items()
@@ -499,7 +554,7 @@ def main(argv=None) -> int:
         jobs = plan_jobs(cfg, trajs, inits, done)
         t0 = time.perf_counter()
         try:
-            new = run_finetunes(jobs, cfg.downstream, settings, args.workers or cfg.workers,
+            new = run_finetunes(jobs, cfg, settings, args.workers or cfg.workers,
                                 lambda r: tracking.log_child(client, exp_id, pid, r, descs.get(r["init"], summary.SCRATCH)))
         except FinetuneError as e:
             print(f"error: {e}", file=sys.stderr)

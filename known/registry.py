@@ -228,6 +228,10 @@ def protocol_of(rows: list[dict]) -> dict:
         out[field] = values[0] if len(values) == 1 else values
     epochs = sorted({"pretrain" if r["stage_epochs"] == r["pretrain_epochs"] else r["stage_epochs"] for r in rows}, key=str)
     out["stage_epochs"] = epochs[0] if len(epochs) == 1 else epochs
+    for field in ("train_size", "pretrain_epochs", "r", "lr"):  # the scale: one value, or the [low, high] sampled
+        values = [r[field] for r in rows if r.get(field) is not None]
+        if values:
+            out[field] = values[0] if min(values) == max(values) else [min(values), max(values)]
     return out
 
 

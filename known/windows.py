@@ -55,14 +55,25 @@ def sweep_windows(sample: Sample, s: int = S) -> dict[str, Windows]:
     return out
 
 
-def trajectory_windows(traj: np.ndarray, sizes: list[int], s: int = S) -> Windows | None:
+def rescaled(traj: np.ndarray, sizes: list[int], ref: int) -> np.ndarray:
+    """Every stage of ``traj`` with each tensor scaled to stage ``ref``'s norm of that tensor: the direction of
+    each tensor kept, its norm taken out (a tensor that is all zeros stays zero)."""
+    t = torch.from_numpy(traj).double()
+    rms = torch.stack([segment_rms(row, sizes) for row in t])
+    factor = torch.where(rms > 0, rms[ref] / rms.clamp_min(1e-300), torch.ones_like(rms))
+    return (t * factor).to(torch.float32).numpy()
+
+
+def trajectory_windows(traj: np.ndarray, sizes: list[int], s: int = S, direction: bool = False) -> Windows | None:
     """The ``Windows`` of one kind's trajectory [L, N] (stage 0 = most data; ``sizes``: its tensors laid end to
-    end), or None when it has fewer than S + 1 stages."""
+    end), or None when it has fewer than S + 1 stages. With ``direction`` every window's stages are first
+    ``rescaled`` to its newest input's per-tensor norms: what is left to predict is the direction alone."""
     xs, ys, rs = [], [], []
     for k in window_targets(traj.shape[0], s):
-        xs.append(traj[k + 1 : k + s + 1][::-1].T)  # [N, S]: stage k+S first … k+1 last
-        ys.append(traj[k])
-        rs.append(segment_rms(torch.from_numpy(traj[k + 1]), sizes).numpy())
+        t = rescaled(traj, sizes, k + 1) if direction else traj
+        xs.append(t[k + 1 : k + s + 1][::-1].T)  # [N, S]: stage k+S first … k+1 last
+        ys.append(t[k])
+        rs.append(segment_rms(torch.from_numpy(t[k + 1]), sizes).numpy())
     return Windows(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), np.concatenate(rs)) if xs else None
 
 

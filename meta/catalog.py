@@ -83,6 +83,8 @@ SCHEMA = pa.schema(
         ("schedule", _str),  # these columns existed, which a catalog without them reads as)
         ("optimizer_state", _str),
         ("augment", _str),
+        ("weight_decay", _f64),
+        ("theta0", _str),
         ("n_params", _i64),
         ("stage_size", pa.list_(_i64)),
         ("stage_train_loss", pa.list_(_f64)),

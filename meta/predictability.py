@@ -9,6 +9,9 @@ target Θk), the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| of:
   per-coordinate linear rules, not predictors): ``oracle-Δ`` = newest + β·(the 4 differences) —
   translation-invariant, what a centred input can express — and ``oracle`` = β·(the 5 values), which can
   also shrink towards zero.
+Norm versus direction: each kind's L2 norm by stage (Adam without weight decay behind BatchNorm grows norms with
+every step, so stepping "back" along a sweep shrinks by construction), and the same errors with every window's
+stages rescaled to its newest input's per-tensor norms (``known.windows.rescaled``): the direction alone.
 Beside them: the mean cosine between successive stage updates (Θk − Θk+1 vs Θk+1 − Θk+2; ≈ 0 = noise),
 the fraction of targets beyond the ±1 a KNOWN can output in each input mode, and the source test loss and
 accuracy by stage (does forgetting show?). Sweeps whose Θ0 never learned (test accuracy within
@@ -50,13 +53,15 @@ class KindStats:
 
     n: int = 0
     step: float = 0.0  # Σ|Θk+1 − Θk|: keep-newest's error, the denominator
-    errors: dict[str, float] = field(default_factory=dict)  # predictor -> Σ|Θ̂k − Θk|
+    errors: dict[str, float] = field(default_factory=dict)  # predictor -> Σ|Θ̂k − Θk|; "dir:<predictor>": direction alone
+    dir_step: float = 0.0  # keep-newest's error on the norm-rescaled windows
     beyond: dict[str, float] = field(default_factory=dict)  # input mode -> targets beyond ±1 (count)
     cosine: float = float("nan")  # mean cosine between successive stage updates
 
     def add(self, other: KindStats) -> None:
         self.n += other.n
         self.step += other.step
+        self.dir_step += other.dir_step
         for d, o in ((self.errors, other.errors), (self.beyond, other.beyond)):
             for k, v in o.items():
                 d[k] = d.get(k, 0.0) + v
@@ -72,6 +77,7 @@ class SweepStats:
     test_acc: list[float]
     test_loss: list[float]
     kinds: dict[str, KindStats]
+    norms: dict[str, list[float]] = field(default_factory=dict)  # kind -> L2 norm of all its scalars, by stage
 
 
 def _l1_fit(feats: torch.Tensor, target: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -104,19 +110,30 @@ def _successive_cosine(traj: np.ndarray) -> float:
     return cos.mean().item()
 
 
-def kind_stats(windows, traj: np.ndarray, knowns: dict) -> KindStats:
-    """Every number of one kind of one sweep (``windows``: ``known.windows.Windows``)."""
+def _errors(windows, knowns: dict) -> tuple[float, dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keep-newest's Σ|error| and every predictor's on ``windows`` (``known.windows.Windows``), and x, y, rms."""
     from known import baselines
-    from known.model import INPUT_MODES, prepare
 
     x, y, rms = (torch.from_numpy(a).double() for a in (windows.x, windows.y, windows.rms))
-    gap = (y - x[:, -1]).abs()
-    st = KindStats(n=len(y), step=gap.sum().item(), cosine=_successive_cosine(traj))
-    st.errors = {m: (baselines.predict(m, x) - y).abs().sum().item() for m in ("taskvector", "linearfit")}
-    st.errors |= _oracle_errors(x, y)
+    errors = {m: (baselines.predict(m, x) - y).abs().sum().item() for m in ("taskvector", "linearfit")}
+    errors |= _oracle_errors(x, y)
     with torch.inference_mode():
         for label, model in knowns.items():
-            st.errors[label] = (model.step(x.float(), rms.float()).double() - y).abs().sum().item()
+            errors[label] = (model.step(x.float(), rms.float()).double() - y).abs().sum().item()
+    return (y - x[:, -1]).abs().sum().item(), errors, x, y, rms
+
+
+def kind_stats(windows, traj: np.ndarray, knowns: dict, direction=None) -> KindStats:
+    """Every number of one kind of one sweep (``windows``, ``direction``: ``known.windows.Windows`` of the
+    trajectory as recorded and norm-rescaled)."""
+    from known.model import INPUT_MODES, prepare
+
+    step, errors, x, y, rms = _errors(windows, knowns)
+    st = KindStats(n=len(y), step=step, errors=errors, cosine=_successive_cosine(traj))
+    if direction is not None:
+        st.dir_step, dir_errors = _errors(direction, knowns)[:2]
+        st.errors |= {f"dir:{k}": v for k, v in dir_errors.items()}
+    gap = (y - x[:, -1]).abs()
     st.beyond = {mode: (gap / prepare(mode, x, rms)[2] > 1).sum().item() for mode in INPUT_MODES}
     return st
 
@@ -126,13 +143,17 @@ def sweep_stats(sample: Sample, label: str, knowns: dict[str, dict]) -> SweepSta
     from known.windows import kind_trajectory, trajectory_windows
 
     rec = sample.record
-    kinds = {}
+    kinds, norms = {}, {}
     for kind in KINDS:
         found = kind_trajectory(sample, kind)
-        if found is not None and (w := trajectory_windows(*found)) is not None:
-            kinds[kind] = kind_stats(w, found[0], {name: m[kind] for name, m in knowns.items()})
+        if found is None:
+            continue
+        norms[kind] = np.linalg.norm(found[0].astype(np.float64), axis=1).tolist()
+        if (w := trajectory_windows(*found)) is not None:
+            kinds[kind] = kind_stats(w, found[0], {name: m[kind] for name, m in knowns.items()},
+                                     trajectory_windows(*found, direction=True))
     return SweepStats(sample.key, label, rec.family, rec.dataset, rec.learned(),
-                      [s.test_acc for s in rec.stages], [s.test_loss for s in rec.stages], kinds)
+                      [s.test_acc for s in rec.stages], [s.test_loss for s in rec.stages], kinds, norms)
 
 
 def collect_stats(roots: dict[str, str], knowns: dict[str, dict], val_fraction: float | None = None) -> list[SweepStats]:
@@ -161,7 +182,20 @@ def pooled(stats: list[SweepStats], kinds=KINDS) -> KindStats:
 
 
 def _ratio(st: KindStats, predictor: str) -> float:
-    return st.errors.get(predictor, float("nan")) / st.step if st.step else float("nan")
+    step = st.dir_step if predictor.startswith("dir:") else st.step
+    return st.errors.get(predictor, float("nan")) / step if step else float("nan")
+
+
+def norm_growth(used: list[SweepStats], kind: str) -> dict[str, float]:
+    """How a kind's norm moves along the sweeps (Θ0 → Θlast, the order they were trained in): the mean, least
+    and largest relative change, and the fraction of sweeps whose norm grew at every stage."""
+    runs = [s.norms[kind] for s in used if len(s.norms.get(kind, [])) > 1 and s.norms[kind][0] > 0]
+    if not runs:
+        return {}
+    change = [n[-1] / n[0] - 1 for n in runs]
+    grows = [all(b > a for a, b in zip(n, n[1:])) for n in runs]
+    return {"norm_change": _mean(change), "norm_change_min": min(change), "norm_change_max": max(change),
+            "norm_grows_every_stage": sum(grows) / len(grows)}
 
 
 def _mean(values) -> float:
@@ -187,6 +221,9 @@ def summary(stats: list[SweepStats], knowns: list[str], keep_unlearned: bool = F
             if not st.n:
                 continue
             entry[kind] = {p: _ratio(st, p) for p in (*PREDICTORS, *knowns)}
+            entry[kind] |= {f"dir:{p}": _ratio(st, f"dir:{p}") for p in (*PREDICTORS, *knowns)}
+            if kind != "all":
+                entry[kind] |= norm_growth(used, kind)
             entry[kind] |= {f"beyond_{m}": v / st.n for m, v in st.beyond.items()}
             entry[kind]["cosine"] = _mean(s.kinds[kind].cosine for s in used if kind in s.kinds) if kind != "all" else float("nan")
             entry[kind]["windows"] = st.n
@@ -219,6 +256,21 @@ def render(stats: list[SweepStats], knowns: list[str], command: str, keep_unlear
             beyond = " / ".join(f"{m[f'beyond_{x}']:.1%}" for x in ("raw", "scaled", "rms"))
             lines.append(f"| {label} | {kind} | {e['used']} ({e['unlearned']}) | {m['windows']:,} | {vals} | "
                          f"{_f(m['cosine'], 2)} | {beyond} |")
+    lines += ["", "### Norm versus direction", "",
+              "Each kind's L2 norm from Θ0 to the last stage (the order the sweep trained them), and the relative L1 "
+              "with every window's stages rescaled to its newest input's per-tensor norms: the direction alone "
+              "(keep-newest = 1 again).", "",
+              "| protocol | kind | norm Θ0 → Θlast, mean [min, max] | sweeps whose norm grew at every stage | "
+              + " | ".join(f"{c}, direction" for c in cols) + " |",
+              "|" + "---|" * (4 + len(cols))]
+    for label, e in main.items():
+        for kind in KINDS:
+            if kind not in e or "norm_change" not in e[kind]:
+                continue
+            m = e[kind]
+            vals = " | ".join(_f(m[f"dir:{p}"]) for p in (*PREDICTORS, *knowns))
+            lines.append(f"| {label} | {kind} | {m['norm_change']:+.2%} [{m['norm_change_min']:+.2%}, {m['norm_change_max']:+.2%}] | "
+                         f"{m['norm_grows_every_stage']:.0%} | {vals} |")
     lines += ["", "### Does forgetting show? Source test accuracy and loss by stage (mean over learned sweeps)", "",
               "| protocol | test acc Θ0 → Θlast (by stage) | test loss Θ0 → Θlast | sweeps whose accuracy fell |", "|---|---|---|---|"]
     for label, e in main.items():

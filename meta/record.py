@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 1
 # a protocol field missing from a spec or catalog reads as the protocol every sweep had before it existed
-LEGACY_PROTOCOL = {"stage_init": "sequential", "schedule": "constant", "optimizer_state": "fresh", "augment": "none"}
+LEGACY_PROTOCOL = {"stage_init": "sequential", "schedule": "constant", "optimizer_state": "fresh", "augment": "none",
+                   "weight_decay": 0.0, "theta0": "epochs"}
 # Θ0 within this much test accuracy of chance learned nothing there is to forget (left out of meta-training)
 CHANCE_MARGIN = 0.05
 
@@ -63,7 +64,7 @@ class SweepRecord(_Record):
         return self.spec["dataset"]
 
     @property
-    def protocol(self) -> dict[str, str]:
+    def protocol(self) -> dict[str, str | float]:
         return {k: self.spec.get(k, v) for k, v in LEGACY_PROTOCOL.items()}
 
     def learned(self, num_classes: int = 10, margin: float = CHANCE_MARGIN) -> bool:

@@ -251,3 +251,90 @@ def test_target_counts_our_known_only():
     line = report.overview_row("x", _with(methods=["known"], shrink_perturb_for=[]), summary)
     assert line.startswith("| x | mnist 0–4 → 5–9, cnn, 40 images, 1×2 seeds | – | 90.0 → 70.0 | – | ×2: ")
     assert line.endswith("| no / no / – |")
+
+
+def test_rates_are_selected_on_validation_images_only():
+    """Validation prefers ×2 for known-1 while the test set would prefer ×4: the report takes ×2, for every pair."""
+    from evaluation.summary import select_rates, tuning_markdown
+
+    results = []
+    for seed in range(4):
+        results.append({"init": "naive", "pretrain_seed": 0, "seed": seed, "acc_head": 0.5, "acc_full": 0.6,
+                        "val_lr": {1.0: 0.62, 2.0: 0.61, 4.0: 0.60}, "test_lr": {1.0: 0.6, 2.0: 0.7, 4.0: 0.5}})
+        results.append({"init": "known-1", "pretrain_seed": 0, "seed": seed, "acc_head": 0.5, "acc_full": 0.6,
+                        "val_lr": {1.0: 0.60, 2.0: 0.64 + seed / 100, 4.0: 0.63}, "test_lr": {1.0: 0.6, 2.0: 0.61, 4.0: 0.75}})
+    selected, table = select_rates(results)
+    by = {t["init"]: t for t in table}
+    assert by["naive"]["selected"] == 1.0 and by["known-1"]["selected"] == 2.0
+    assert {r["acc_full"] for r in selected if r["init"] == "known-1"} == {0.61}
+    assert {r["acc_full"] for r in selected if r["init"] == "naive"} == {0.6}
+    assert by["known-1"]["val"][2.0] == pytest.approx(0.655)
+    # a tie on validation goes to the factor nearest the config's rate
+    tie = [{**r, "val_lr": {0.5: 0.6, 1.0: 0.6, 2.0: 0.6}, "test_lr": {0.5: 0.6, 1.0: 0.6, 2.0: 0.6}} for r in results if r["init"] == "naive"]
+    assert select_rates(tie)[1][0]["selected"] == 1.0
+    assert "**65.50 / 61.00**" in "\n".join(tuning_markdown(table))
+
+
+def test_holm_is_within_one_method_and_per_model_tests_are_printed():
+    from evaluation.summary import markdown, oracle_gaps, summarize
+
+    descs = {"naive": {"method": "naive", "step": 0, "multiplier": 1},
+             "oracle-x2": {"method": "oracle", "step": 1, "multiplier": 2},
+             "known-1": {"method": "known", "step": 1, "multiplier": 2},
+             "shrink-known-1": {"method": "shrink", "matches": "known", "step": 1, "multiplier": 2},
+             "known-official-1": {"method": "known-official", "step": 1, "multiplier": 2},
+             "shrink-known-official-1": {"method": "shrink", "matches": "known-official", "step": 1, "multiplier": 2}}
+    rng = np.random.default_rng(3)
+    lift = {"naive": 0, "oracle-x2": 0.02, "known-1": 0.01, "shrink-known-1": 0.0, "known-official-1": 0.0,
+            "shrink-known-official-1": 0.0}
+    results = [{"init": i, "pretrain_seed": p, "seed": s, "acc_head": 0.6 + up + rng.normal(0, 0.01),
+                "acc_full": 0.7 + up + rng.normal(0, 0.01)} for p in range(3) for s in range(5) for i, up in lift.items()]
+    rows, comps = summarize(results, descs, {})
+    ours = [c for c in comps if c["method"] == "known"]
+    assert len(ours) == 4 and len(comps) == 8  # (naive, its shrink) × 2 phases, per method
+    from evaluation import stats
+
+    assert [c["p_holm"] for c in ours] == pytest.approx(stats.holm([c["p"] for c in ours]))
+    assert [c["p_pretrain_holm"] for c in ours] == pytest.approx(stats.holm([c["p_pretrain"] for c in ours]))
+    gaps = oracle_gaps(results, descs)
+    assert all("gap_p_pretrain" in g for g in gaps)
+    md = markdown("x", rows, comps, gaps, [], {}, {}, [])
+    assert "per model p=" in md and "| p per model |" in md and "p per model Holm" in md
+
+
+@pytest.mark.ray
+def test_a_tuned_experiment_reports_each_arm_at_its_validation_selected_rate(tmp_path, fake_root, ray_local):
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from evaluation import transfer
+
+    raw = _with(methods=["taskvector"], controls=["shrink", "bn-init", "last", "converged"], scratch=False,
+                pretrain_seeds=[0, 1], path="fast", predicted_bn="init", tuning={"lr_factors": [1, 4], "validation": 10},
+                source__train_size=50, source__oracles=[2], source__converged_epochs=2, downstream__head_trains_bn=True)
+    cfg = tmp_path / "tuned.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert transfer.main(["--config", str(cfg), "--data-root", str(fake_root), "--tracking-uri", uri]) == 0
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(transfer.EXPERIMENT).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(transfer.ROLE_TAG) == "experiment")
+    children = [r for r in runs if r.data.tags.get(transfer.ROLE_TAG) == "finetune"]
+    inits = {"naive", "oracle-x2", "taskvector-1", "shrink-taskvector-1", "naive-bninit", "naive-last", "naive-converged"}
+    assert {c.data.params["init"] for c in children} == inits
+    assert len(children) == len(inits) * 2 * 2
+    for c in children:  # every rate's validation and test accuracy; acc_full is the config's own rate
+        assert {"val_lr1", "val_lr4", "test_lr1", "test_lr4"} <= set(c.data.metrics)
+        assert c.data.metrics["acc_full"] == c.data.metrics["test_lr1"]
+    d = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(tmp_path / "art"), tracking_uri=uri))
+    assert (d / "trajectories" / "p1" / "converged.safetensors").is_file()
+    summary = json.loads((d / "summary.json").read_text())
+    assert (d / "lr_grid.png").is_file() and "Learning-rate selection" in (d / "summary.md").read_text()
+    for row in summary["rows"]:
+        mine = [c.data.metrics for c in children if c.data.params["init"] == row["init"]]
+        val = {f: np.mean([m[f"val_lr{f}"] for m in mine]) for f in (1, 4)}
+        best = max((1, 4), key=lambda f: (val[f], -abs(np.log(f))))
+        assert row["full_mean"] == pytest.approx(np.mean([m[f"test_lr{best}"] for m in mine]))
+        assert next(t for t in summary["tuning"] if t["init"] == row["init"])["selected"] == best

@@ -63,6 +63,13 @@ def test_fraction_of_the_oracle_gap_closed_matches_a_hand_computed_case():
     # the design is kept: with two clusters every resample holds the same number of pairs of each
     f2, lo2, hi2 = stats.gap_closed(init + init, naive * 2, oracle * 2, clusters=[0, 0, 0, 1, 1, 1])
     assert f2 == pytest.approx(0.25) and lo2 >= 0.2 - 1e-9 and hi2 <= 0.3 + 1e-9
+    # pre-trained models are a random draw too: one closes nothing, one half the gap, each without spread
+    # inside; resampling pairs only would give a zero-width interval, resampling the models does not
+    f3, lo3, hi3 = stats.gap_closed([0.50] * 3 + [0.60] * 3, [0.5] * 6, [0.7] * 6, clusters=[0, 0, 0, 1, 1, 1])
+    assert f3 == pytest.approx(0.25) and lo3 == pytest.approx(0.0) and hi3 == pytest.approx(0.5)
+    f4, lo4, hi4 = stats.gap_closed([0.50, 0.50, 0.50, 0.60, 0.60, 0.60, 0.55, 0.55], [0.5] * 8, [0.7] * 8,
+                                    clusters=[0, 0, 0, 1, 1, 1, 2, 2])  # clusters of unequal size
+    assert lo4 == pytest.approx(0.0) and hi4 == pytest.approx(0.5) and 0.0 < f4 < 0.5
     assert stats.gap_closed([0.5, 0.6], [0.5, 0.5], [0.5, 0.5])[0] != stats.gap_closed([0.5, 0.6], [0.5, 0.5], [0.5, 0.5])[0]  # nan: no gap
     with pytest.raises(ValueError, match="at least 2 pairs"):
         stats.gap_closed([0.5], [0.5], [0.6])
@@ -126,6 +133,40 @@ def test_controls_change_only_what_they_say(tmp_path):
     assert got["scaled-2"].desc == {"method": "scaled", "lambda": 0.64, "step": 2, "multiplier": 4.0}
     assert got["oracle-x2"].desc["multiplier"] == 2 and got["oracle-x2"].state["c.weight"].equal(_state(9)["c.weight"])
     assert {"shrink-taskvector-1", "shrink-taskvector-2"} <= set(got) and "sp-taskvector-1" not in got
+
+
+def test_the_released_scripts_controls_and_bn_at_init(tmp_path):
+    """BN at its initial values for the predictions (and their matched controls) and for naive-bninit, the last
+    stage and the converged Θ0 as naive-like controls; conv and linear weights are never touched."""
+    import torch
+
+    from collectors import zoo
+    from evaluation import transfer
+
+    arch = {"depth": 2, "width": 4, "hidden": 8}
+    cfg = parse_config(_with(steps=1, controls=["bn-init", "last", "converged", "shrink"], predicted_bn="init",
+                             source__arch=arch, source__converged_epochs=3))
+    model = zoo.build("cnn", arch, 1, 5)
+    kinds = zoo.tensor_kinds(model)
+    torch.manual_seed(7)
+    stages = [{n: t + 0.1 * (k + 1) if t.is_floating_point() else t + k + 1 for n, t in model.state_dict().items()}
+              for k in range(5)]
+    traj = transfer.Trajectory(stages, kinds, "cnn", arch, cfg.source, 0.5, 10, converged=stages[2])
+    got, _, _ = transfer.build_inits(cfg, traj, {})
+    assert got["naive-last"].state is stages[-1] and got["naive-converged"].state is stages[2]
+    fresh = model.state_dict()
+    for name in ("naive-bninit", "taskvector-1", "shrink-taskvector-1"):
+        st = got[name].state
+        for n, kind in kinds.items():
+            if kind in ("norm", "buffer"):
+                assert torch.equal(st[n], fresh[n]), (name, n)  # γ = 1, β = 0, running mean 0, var 1
+            elif name == "naive-bninit":
+                assert torch.equal(st[n], stages[0][n])
+    assert not torch.equal(got["taskvector-1"].state["0.weight"], fresh["0.weight"])  # the predicted kernel stays
+    from collectors.config import ConfigError
+
+    with pytest.raises(ConfigError, match="converged_epochs"):
+        parse_config(_with(controls=["converged"]))
 
 
 def test_protocol_mismatch_with_the_known_under_test_is_reported():
@@ -205,6 +246,46 @@ def test_the_shipped_protocol_is_read_from_the_catalog_rows():
     row = {"stage_init": "sequential", "schedule": "cosine", "optimizer_state": "fresh", "augment": "none",
            "stage_epochs": 10, "pretrain_epochs": 10}
     assert protocol_of([row]) == {"stage_init": "sequential", "schedule": "cosine", "optimizer_state": "fresh",
-                                  "augment": "none", "stage_epochs": "pretrain"}
-    mixed = protocol_of([row, {**row, "schedule": None, "stage_epochs": 2}])  # None: an old catalog, the legacy default
-    assert mixed["schedule"] == ["constant", "cosine"] and mixed["stage_epochs"] == [2, "pretrain"]
+                                  "augment": "none", "weight_decay": 0.0, "theta0": "epochs", "stage_epochs": "pretrain",
+                                  "pretrain_epochs": 10}
+    mixed = protocol_of([row, {**row, "schedule": None, "stage_epochs": 2, "r": 0.5}, {**row, "r": 0.8}])
+    assert mixed["schedule"] == ["constant", "cosine"] and mixed["stage_epochs"] == [2, "pretrain"]  # None: legacy
+    assert mixed["r"] == [0.5, 0.8]
+
+
+def test_protocol_check_compares_the_scale_too():
+    """|D0|, Θ0's epochs, r and the rate: a value must match, a sampled range must contain the evaluation's."""
+    from evaluation.config import protocol_diff
+
+    ours = {"stage_init": "sequential", "stage_epochs": "pretrain", "schedule": "cosine", "optimizer_state": "fresh",
+            "augment": "none", "weight_decay": 0.0, "theta0": "epochs", "train_size": 6250, "pretrain_epochs": 15,
+            "r": 0.5, "lr": 2e-3}
+    theirs = {**{k: ours[k] for k in ("stage_init", "stage_epochs", "schedule", "optimizer_state", "augment")},
+              "train_size": 2000, "pretrain_epochs": 10, "r": [0.5, 0.8], "lr": [3e-4, 3e-3]}
+    diff, unknown = protocol_diff(ours, theirs)
+    assert diff == {"train_size": (6250, 2000), "pretrain_epochs": (15, 10)} and unknown == []
+    assert protocol_diff({**ours, "r": 0.4}, theirs)[0]["r"] == (0.4, [0.5, 0.8])
+    old = {k: ours[k] for k in ("stage_init", "stage_epochs", "schedule", "optimizer_state", "augment")}
+    assert protocol_diff(ours, old) == ({}, ["train_size", "pretrain_epochs", "r", "lr"])  # older provenance
+
+
+@pytest.mark.parametrize("trains_bn", [False, True])
+def test_the_head_phase_trains_batchnorm_only_when_asked(settings, monkeypatch, trains_bn):
+    """The released scripts' first phase trains the head *and* BatchNorm (in training mode); ours only the head."""
+    from collectors import zoo
+    from evaluation import finetune as ft
+    from evaluation.config import Downstream
+
+    arch = {"depth": 2, "width": 4, "hidden": 8}
+    task = Downstream(dataset="mnist", classes=[5, 6, 7, 8, 9], train_size=40, test_size=20, head_epochs=2,
+                      full_epochs=0, seeds=2, bn="keep", head_trains_bn=trains_bn)
+    init = zoo.build("cnn", arch, 1, 5).state_dict()
+    seen = []
+    original = ft.evaluate
+    monkeypatch.setattr(ft, "evaluate", lambda model, *a, **k: (seen.append({n: t.clone() for n, t in model.state_dict().items()}),
+                                                                 original(model, *a, **k))[1])
+    ft.finetune(init, "cnn", arch, task, settings, seed=0)
+    after_head = seen[0]
+    assert torch.equal(after_head["0.weight"], init["0.weight"])  # the kernels stay frozen either way
+    moved = not torch.equal(after_head["1.weight"], init["1.weight"]) and not torch.equal(after_head["1.running_mean"], init["1.running_mean"])
+    assert moved == trains_bn

@@ -53,6 +53,37 @@ def test_a_uniform_shrink_is_seen_by_the_5_value_oracle_but_not_the_centred_one(
     assert st.beyond["raw"] == 0 and st.beyond["scaled"] > 0.5 * st.n  # |target − newest| ≫ the path length
 
 
+def test_a_path_that_only_grows_in_norm_has_nothing_left_to_predict_in_direction():
+    """Θ0 … Θ6 = a fixed direction growing 1% a stage (training order Θ0 → Θ6) plus a small random walk: the norm
+    grows at every stage and the 5-value oracle predicts it, but rescaled to the newest input's norm the
+    stages are one direction plus noise: no predictor beats keep-newest by much there."""
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=20000)
+    walk = np.cumsum(rng.normal(size=(7, 20000)) * 1e-4, axis=0)  # the noise of SGD: a random walk
+    traj = np.stack([(1.01 ** k) * v for k in range(7)]) + walk
+    stats = pr.sweep_stats(_sample(traj), "p", {})
+    st = stats.kinds["conv"]
+    assert st.errors["oracle"] / st.step < 0.2  # the shrink back is what there is to predict …
+    assert st.errors["dir:oracle"] / st.dir_step > 0.9  # … and with the norm taken out, nothing is
+    growth = pr.norm_growth([stats], "conv")
+    assert growth["norm_grows_every_stage"] == 1.0 and growth["norm_change"] == pytest.approx(1.01 ** 6 - 1, rel=1e-3)
+    md = pr.render([stats], [], "x")
+    assert "### Norm versus direction" in md and "| p | conv | +6.15% [+6.15%, +6.15%] | 100% |" in md
+
+
+def test_rescaling_keeps_each_tensors_direction_and_takes_its_norm_from_the_reference_stage():
+    from known.windows import rescaled
+
+    rng = np.random.default_rng(6)
+    traj = rng.normal(size=(3, 10)).astype(np.float32) * np.array([1, 2, 3])[:, None]
+    out = rescaled(traj, [4, 6], ref=1)
+    for seg in (slice(0, 4), slice(4, 10)):
+        for k in range(3):
+            assert np.linalg.norm(out[k, seg]) == pytest.approx(np.linalg.norm(traj[1, seg]), rel=1e-5)
+            cos = out[k, seg] @ traj[k, seg] / np.linalg.norm(out[k, seg]) / np.linalg.norm(traj[k, seg])
+            assert cos == pytest.approx(1.0, rel=1e-6)
+
+
 def test_report_counts_unlearned_sweeps_and_leaves_them_out():
     rng = np.random.default_rng(3)
     good = _sample(np.cumsum(rng.normal(size=(7, 100)), axis=0), "a")

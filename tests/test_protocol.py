@@ -27,10 +27,12 @@ def _spec(**over) -> SweepSpec:
 def test_sweeps_collected_before_the_protocol_fields_keep_their_ids():
     # the id this spec had before the protocol fields existed (computed on the commit before them)
     assert _spec().sweep_id == "a3c51af98d0a5272"
-    assert _spec(stage_init="sequential", schedule="constant", optimizer_state="fresh", augment="none").sweep_id == "a3c51af98d0a5272"
+    assert _spec(stage_init="sequential", schedule="constant", optimizer_state="fresh", augment="none",
+                 weight_decay=0.0, theta0="epochs").sweep_id == "a3c51af98d0a5272"
     ids = {_spec(**f).sweep_id for f in ({}, {"stage_init": "restart"}, {"schedule": "cosine"},
-                                          {"optimizer_state": "carry"}, {"augment": "crop_flip"})}
-    assert len(ids) == 5  # every protocol field is part of the content-addressed id
+                                          {"optimizer_state": "carry"}, {"augment": "crop_flip"}, {"weight_decay": 0.05},
+                                          {"theta0": "plateau"})}
+    assert len(ids) == 7  # every protocol field is part of the content-addressed id
 
 
 def _stage_starts(monkeypatch, spec, settings):
@@ -136,3 +138,49 @@ def test_a_catalog_written_before_the_protocol_columns_still_reads(tmp_path):
     assert catalog.read(str(tmp_path))[0]["optimizer_state"] == "fresh"
     old_spec = {k: v for k, v in json.loads(row["spec"]).items() if k not in ("stage_init", "schedule", "optimizer_state", "augment")}
     assert SweepSpec.model_validate(old_spec).sweep_id == "a3c51af98d0a5272"
+
+
+def test_weight_decay_is_decoupled_and_holds_the_norms_that_adam_grows(settings):
+    """Adam behind BatchNorm grows the conv kernels' norm along a sweep; AdamW's decoupled decay is the protocol
+    field that holds it (the norm-versus-direction question of docs/predictability.md)."""
+    model = torch.nn.Linear(2, 2)
+    assert type(sweep._optimizer("adam", model, 1e-3, weight_decay=0.1)) is torch.optim.AdamW
+    assert type(sweep._optimizer("adam", model, 1e-3)) is torch.optim.Adam
+    assert sweep._optimizer("sgd", model, 1e-3, weight_decay=0.1).defaults["weight_decay"] == 0.1
+
+    def conv_norms(spec):
+        res = run_sweep(spec, settings)
+        conv = [n for n, k in res.kinds.items() if k == "conv"]
+        return [math.sqrt(sum(float(res.tensors[n][s].double().pow(2).sum()) for n in conv)) for s in range(spec.n_stages)]
+
+    plain, decayed = conv_norms(_spec(lr=3e-3)), conv_norms(_spec(lr=3e-3, weight_decay=0.5))
+    assert decayed[-1] / decayed[0] < plain[-1] / plain[0]
+    with pytest.raises(ValueError, match="weight_decay"):
+        _spec(weight_decay=-1.0)
+
+
+def test_the_plateau_rule():
+    assert not sweep.plateaued([2.0, 1.5, 1.2])  # too short to tell
+    assert not sweep.plateaued([2.0, 1.5, 1.2, 1.0, 0.9, 0.8])  # still falling by more than 2% of 1.0
+    assert sweep.plateaued([2.0, 1.0, 0.99, 0.995, 0.985])  # best 0.985 vs 1.0 before: 1.5% < 2%
+    assert sweep.plateaued([0.02, 0.01, 0.008, 0.007, 0.006])  # halving near zero, but by less than 0.005
+    assert not sweep.plateaued([1.0, 0.9, 0.8, 0.7], patience=1)
+
+
+def test_theta0_trains_until_its_loss_plateaus_and_the_stages_as_long_as_it_took(settings, monkeypatch):
+    epochs_of_stage, original = [], sweep.train_epochs
+
+    def spy(model, opt, split, idx, dataset, batch_size, epochs, *a, **k):
+        epochs_of_stage.append((len(idx), epochs))
+        return original(model, opt, split, idx, dataset, batch_size, epochs, *a, **k)
+
+    monkeypatch.setattr(sweep, "train_epochs", spy)
+    spec = _spec(theta0="plateau", pretrain_epochs=40, stage_epochs=40, schedule="cosine", lr=3e-3)
+    res = run_sweep(spec, settings)
+    theta0 = [e for n, e in epochs_of_stage if n == 200]
+    assert all(e == 1 for e in theta0) and 3 < len(theta0) <= 40  # epoch by epoch until the plateau
+    assert [e for n, e in epochs_of_stage if n < 200] == [len(theta0)] * 3  # every stage as long as Θ0 took
+    per_epoch = math.ceil(200 / spec.batch_size)
+    assert res.stages[0].steps == len(theta0) * per_epoch
+    again = run_sweep(spec, settings)  # deterministic: the same plateau, the same weights
+    assert all(torch.equal(res.tensors[k], again.tensors[k]) for k in res.tensors)
