@@ -18,12 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from collectors import zoo
 from collectors.data import DATASETS
+from meta.errors import OblivionError
 from meta.record import LEGACY_PROTOCOL
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(OblivionError, ValueError):
     """A config that cannot run; raised before any Ray work starts."""
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torchvision import datasets as tvd
 
+from meta.errors import OblivionError
+
 ENV_ROOT = "OBLIVION_DATA"
 
 
@@ -45,7 +47,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(OblivionError, RuntimeError):
     """A dataset that cannot be loaded; the message says where the files must go."""
 
 

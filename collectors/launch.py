@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script (`python collectors/launch.py`)
 from collectors import data  # noqa: E402
 from collectors.config import ConfigError, load_config, sample_specs  # noqa: E402
 from meta import catalog, cli, status, storage  # noqa: E402
+from meta.errors import OblivionError  # noqa: E402
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, cli.EXIT_BAD_INPUT
 
@@ -48,7 +49,7 @@ def _live_view(args: argparse.Namespace, n_sweeps: int, num_workers: int | None)
     if args.no_mlflow:
         return None
     from collectors.progress import MlflowProgress
-    from known.tracking import tracking_uri
+    from meta.tracking import tracking_uri
 
     params = {"config": args.config, "out": args.collection, "num_sweeps": n_sweeps, "num_workers": num_workers or "auto"}
     return MlflowProgress(tracking_uri(args.tracking_uri), f"collect {Path(args.collection).name}", params)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         data.preflight(config.space.datasets, settings)  # opens each dataset as the workers will
         storage.check_output(args.collection, folder=True, flag="--collection")
         catalog.read(args.collection)  # what a resume appends to: a corrupt one stops here, untouched
-    except (ConfigError, data.DataError, storage.StorageError) as e:
+    except OblivionError as e:
         return cli.fail(e)
 
     from collectors.collect import collect  # imports Ray: only once the inputs are known to be good

@@ -19,9 +19,9 @@ from pathlib import Path
 import yaml
 
 from evaluation.summary import EXPERIMENT, ROLE_TAG, ci_cell, fraction_cell, target_results
-from known import KnownError
-from known.tracking import existing_store
 from meta import cli, storage
+from meta.errors import OblivionError
+from meta.tracking import existing_store
 
 PLOTS = ("accuracy.png", "forgetting_curve.png", "pca_plane.png")
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         storage.check_output(args.out, folder=False, flag="--out")
         storage.check_output(str(Path(args.out).parent / "results"), folder=True, flag="--out's results/")
         uri = existing_store(args.tracking_uri)
-    except (KnownError, storage.StorageError) as e:
+    except OblivionError as e:
         return cli.fail(e)
 
     import mlflow

@@ -43,12 +43,11 @@ from evaluation import inits as initmod
 from evaluation import plots, summary, tracking
 from evaluation.config import Downstream, Source, Task, TransferConfig, load_config, protocol_diff
 from evaluation.finetune import task_split
-from known import KnownError
 from known.model import S
 from known.predict import reestimate_bn, retrodict
-from known.tracking import tracking_uri, use_tracking
 from meta import cli
-from meta.shards import ShardError
+from meta.errors import OblivionError
+from meta.tracking import tracking_uri, use_tracking
 
 log = logging.getLogger(__name__)
 EXPERIMENT, ROLE_TAG = summary.EXPERIMENT, summary.ROLE_TAG
@@ -513,7 +512,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg, settings, models, reused = check(args)
-    except (ConfigError, data.DataError, KnownError, ShardError, OSError) as e:  # OSError: a missing file or store
+    except (OblivionError, OSError) as e:  # OSError: a missing file
         return cli.fail(e)
 
     import mlflow

@@ -25,6 +25,7 @@ from known import KnownError, baselines, native, registry
 from known.fast import FastKNOWN, NativeKNOWN
 from known.model import PREDICTED_KINDS, S, KNOWN, segment_rms
 from meta import cli, storage
+from meta.errors import OblivionError
 
 METHODS = ("known", "known-official", *baselines.METHODS)
 
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError("--method known-official needs --official DIR")
         models = registry.load_predictor(args.method, source, args.tracking_uri)
         preds = retrodict(stages, args.steps, args.method, models=models)
-    except (KnownError, OSError) as e:  # OSError: a missing or unreadable file, an unwritable --out
+    except (OblivionError, OSError) as e:  # OSError: a missing or unreadable file, an unwritable --out
         return cli.fail(e)
     fs, out = storage.resolve(args.out)
     fs.create_dir(out, recursive=True)

@@ -23,7 +23,8 @@ from known import KnownError, baselines
 from known.model import KNOWN, PREDICTED_KINDS, InputMode
 from known.serving import WINDOW_COLUMNS, load_dir, predict_windows, save_dir  # noqa: F401 (also as registry.*:
 # the callers, and the versions registered before known.serving, whose pyfunc calls registry.load_dir)
-from known.tracking import existing_store, tracking_uri
+from meta.errors import OblivionError
+from meta.tracking import existing_store, tracking_uri
 
 MODEL_NAME = "KNOWN"
 ALIAS = "champion"
@@ -33,7 +34,10 @@ METRIC = "val_rel_l1"  # Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over all validati
 VAL_DIGEST = "validation_sha256"  # model-version tag: the validation set METRIC was measured on
 # a pyfunc version carries the modules known/pyfunc_model.py imports (known.serving and what it imports) as a
 # package of this name: not "known", which would shadow an installed known in the process that loads it
-PYFUNC_PACKAGE, PYFUNC_CODE = "known_pyfunc", ("__init__.py", "model.py", "serving.py")
+PYFUNC_PACKAGE, PYFUNC_CODE = "known_pyfunc", ("model.py", "serving.py")
+# the package's __init__: known/__init__.py's error without the project's base (meta is not logged with a version)
+PYFUNC_INIT = ('"""KNOWN\'s serving code as logged with a registered version (known.registry)."""\n\n\n'
+               'class KnownError(ValueError):\n    """A bad input to the served KNOWN, named in one line."""\n')
 
 
 def load_predictor(method: str = "known", source: str | None = None, tracking: str | None = None) -> dict[str, KNOWN] | None:
@@ -112,6 +116,7 @@ def publish(models: dict[str, KNOWN], value: float, lineage: dict[str, str], tra
         code.mkdir()
         for name in PYFUNC_CODE:
             shutil.copyfile(Path(__file__).with_name(name), code / name)
+        (code / "__init__.py").write_text(PYFUNC_INIT)
         info = mlflow.pyfunc.log_model(name="known", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                                        artifacts={"weights": str(save_dir(models, Path(d) / "weights"))},
                                        code_paths=[str(code)], input_example=example,
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = catalog.read(args.collection)
         validation = {Path(v).name: validation_file(v) for v in args.validation}
         models = load_predictor("known", args.model, args.tracking_uri)
-    except (KnownError, OSError, MlflowException) as e:  # missing files / versions, an unreadable catalog
+    except (OblivionError, OSError, MlflowException) as e:  # missing files / versions, an unreadable catalog
         return cli.fail(e)
     done = [r for r in rows if r["status"] == "done"]
     provenance = {

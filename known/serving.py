@@ -1,7 +1,8 @@
 """What a registered KNOWN needs to predict: its safetensors folder and windows in, predictions out.
 
 Logged with every pyfunc version as its code (MLflow ``code_paths``, see ``known.registry.publish``) together
-with ``known/__init__.py`` and ``known/model.py``, under another package name, so that a version loads where
+with ``known/model.py`` and a package ``__init__`` holding ``KnownError`` (``known.registry.PYFUNC_INIT``), under
+another package name, so that a version loads where
 this repository is not installed. Hence relative imports only, and nothing beyond torch, safetensors and numpy.
 """
 

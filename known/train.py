@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from known import baselines, native, predict, registry, tracking
+from known import baselines, native, predict, registry
 from known.model import INPUT_MODES, PREDICTED_KINDS, S
 from known.windows import KIND_IDS, is_validation, sweep_windows
-from meta import catalog, cli, readers, storage, verify
+from meta import catalog, cli, readers, storage, tracking, verify
+from meta.errors import OblivionError
 from meta.record import CHANCE_MARGIN, learned
 
 METRIC = registry.METRIC
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         done = [r for r in catalog.read(args.collection) if r["status"] == "done"]
         verify.require_intact(args.collection, catalog.read_table(args.collection, verify.COLUMNS))
         storage.check_output(args.storage, folder=True, flag="--storage")
-    except storage.StorageError as e:  # an unreachable location, a corrupt catalog, a damaged shard
+    except OblivionError as e:  # an unreachable location, a corrupt catalog, a damaged shard
         return cli.fail(e)
     rows = training_rows(done, args.keep_unlearned)
     if not rows:

@@ -29,7 +29,7 @@ from known.model import S
 from known.predict import METHODS, reestimate_bn, retrodict
 from known.windows import is_validation, window_targets
 from meta import catalog, cli, readers, storage, verify
-from meta.shards import ShardError
+from meta.errors import OblivionError
 
 BN_POLICIES = ("keep", "reestimate", "reset")
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             raise KnownError("--methods known-official needs --official DIR")
         sources = {"known": args.known, "known-official": args.official}
         methods = {m: registry.load_predictor(m, sources.get(m), args.tracking_uri) for m in args.methods}
-    except (data.DataError, KnownError, OSError) as e:  # OSError: StorageError, a missing KNOWN file
+    except (OblivionError, OSError) as e:  # OSError: a missing KNOWN file
         return cli.fail(e)
 
     def where(row: dict) -> bool:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += validate_sweep(sample, methods, settings)
             print(f"validated {sample.key} ({sample.record.family}, {sample.record.dataset})",
                   file=sys.stderr, flush=True)
-    except (ShardError, data.DataError) as e:  # a shard whose bytes are not the catalogued ones, a missing dataset
+    except OblivionError as e:  # a shard whose bytes are not the catalogued ones, a missing dataset
         return cli.fail(e)
     if not rows:
         return cli.fail(f"no done sweeps with enough stages in {args.collection} (selected by --val-fraction, "

@@ -26,12 +26,13 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from pydantic import ValidationError
 
 from meta import storage
+from meta.errors import OblivionError
 from meta.record import FORMAT_VERSION, SweepRecord
 MEMBERS = ("json", "safetensors")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-class ShardError(ValueError):
+class ShardError(OblivionError, ValueError):
     """A shard or sample that is corrupt, truncated or not ours; the message names the shard."""
 
 

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from meta import catalog, cli, storage, verify
+from meta.errors import OblivionError
 
 COLUMNS = ["status", "error", "family", "dataset", "r", "wall_s", "finished_at", "stage_test_acc", "shard_bytes"]
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.require_collection(out)
         print(text(status(out)))
         damaged = verify_shards(out) if args.verify else []
-    except storage.StorageError as e:
+    except OblivionError as e:
         return cli.fail(e)
     except OSError as e:  # a missing bucket, no permission
         return cli.fail(f"cannot read {args.collection}: {e}")

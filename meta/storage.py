@@ -13,8 +13,10 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
+from meta.errors import OblivionError
 
-class StorageError(OSError):
+
+class StorageError(OblivionError, OSError):
     """An output location that cannot be used; the message names it."""
 
 

@@ -17,7 +17,7 @@ COMMANDS = {  # command -> (module whose main(argv) it runs, what it does)
     "data": ("collectors.data", "fetch the three datasets into --data-root"),
     "collect": ("collectors.launch", "collect forgetting sweeps into a meta-dataset (resumes)"),
     "status": ("meta.status", "what a meta-dataset holds and how its collection went"),
-    "predictability": ("meta.predictability", "how much per-coordinate signal meta-datasets carry"),
+    "predictability": ("known.predictability", "how much per-coordinate signal meta-datasets carry"),
     "train": ("known.train", "meta-train KNOWN on a meta-dataset (Ray Train)"),
     "validate": ("known.validate", "validate a KNOWN: predict a recorded stage from the five after it"),
     "predict": ("known.predict", "step a model's weights back along its forgetting trajectory"),

@@ -17,7 +17,7 @@ from meta import catalog
 from meta.shards import FORMAT_VERSION, ShardWriter, encode_sample
 
 CLIS = {"launch": "collectors.launch", "data": "collectors.data", "status": "meta.status",
-        "predictability": "meta.predictability", "predict": "known.predict", "train": "known.train",
+        "predictability": "known.predictability", "predict": "known.predict", "train": "known.train",
         "validate": "known.validate", "registry": "known.registry", "report": "evaluation.report",
         "transfer": "evaluation.transfer"}
 MARKER = "unpickled"  # what the pickle below creates if anything ever unpickles it

@@ -288,7 +288,7 @@ def test_ship_writes_weights_then_provenance_and_load_finds_them(tmp_path, monke
 
 def test_relative_sqlite_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
     """Ray Train workers run in other folders: a relative sqlite store would be another, empty file there."""
-    from known import tracking
+    from meta import tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -307,7 +307,7 @@ def test_a_checkpoint_of_per_kind_optimisers_resumes_as_the_flat_one_would_have(
 def test_predictability_report_of_a_collected_meta_dataset_goes_to_file_and_mlflow(meta_root, tmp_path):
     from mlflow import MlflowClient
 
-    from meta import predictability
+    from known import predictability
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "report.md"
@@ -315,7 +315,7 @@ def test_predictability_report_of_a_collected_meta_dataset_goes_to_file_and_mlfl
                                 "--tracking-uri", uri]) == 0
     text = out.read_text()
     label = meta_root.name
-    assert f"| {label} | conv | 6 (" in text and "KNOWN shipped" in text and "Regenerate: `python -m meta.predictability" in text
+    assert f"| {label} | conv | 6 (" in text and "KNOWN shipped" in text and "Regenerate: `python -m known.predictability" in text
     [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("predictability").experiment_id])
     assert 0 < run.data.metrics[f"{label}.conv.oracle"] <= 1.01 * run.data.metrics[f"{label}.conv.oracle-delta"]  # (IRLS fits)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from meta import predictability as pr
+from known import predictability as pr
 from meta.record import SweepRecord
 from meta.shards import Sample
 from conftest import REPO
@@ -93,7 +93,7 @@ def test_report_counts_unlearned_sweeps_and_leaves_them_out():
     assert numbers["proto"]["sweeps"] == 2 and numbers["proto"]["unlearned"] == 1 and numbers["proto"]["used"] == 1
     assert numbers["proto"]["conv"]["windows"] == 200
     assert pr.summary(stats, [], keep_unlearned=True)["proto"]["conv"]["windows"] == 400
-    md = pr.render(stats, [], "python -m meta.predictability x")
+    md = pr.render(stats, [], "python -m known.predictability x")
     assert "| proto | conv | 1 (1) |" in md and "0.900 → 0.890" in md
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from known import KnownError, registry
-from known.tracking import use_tracking
+from meta.tracking import use_tracking
 from known.train import best_checkpoint, validation_digest, wants_gpu
 
 

@@ -1,6 +1,6 @@
 """How much per-coordinate signal a meta-dataset carries: can anything predict a stage from the five after it?
 
-    python -m meta.predictability --collection runs/protocols/today runs/protocols/long-cosine … --out docs/predictability.md
+    python -m known.predictability --collection runs/protocols/today runs/protocols/long-cosine … --out docs/predictability.md
 
 For every sweep and kind (conv / linear / bias), over the windows KNOWN trains on (inputs Θk+5 … Θk+1,
 target Θk), the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| of:
@@ -34,16 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from known import KnownError
 from known.predict import PREDICTED_KINDS as KINDS
 from meta import catalog, cli, readers, storage, verify
-from meta.shards import Sample, ShardError
+from meta.errors import OblivionError
+from meta.shards import Sample
 
 log = logging.getLogger(__name__)
 PREDICTORS = ("taskvector", "linearfit", "oracle-Δ", "oracle")
 TINY = 1e-12
 
 
-class PredictabilityError(ValueError):
+class PredictabilityError(KnownError):
     """Input the report cannot be made from; the message names it."""
 
 
@@ -293,7 +295,7 @@ def log_to_mlflow(numbers: dict, report: str, roots: dict[str, str], tracking: s
     """One MLflow run with every number as a metric (``<protocol>.<kind>.<predictor>``) and the report."""
     import mlflow
 
-    from known.tracking import use_tracking
+    from meta.tracking import use_tracking
 
     use_tracking(tracking, "predictability")
     with mlflow.start_run(run_name="predictability") as run:
@@ -320,7 +322,7 @@ def _load_knowns(specs: list[str], tracking: str | None) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.Parser(prog="python -m meta.predictability", description=__doc__,
+    p = cli.Parser(prog="python -m known.predictability", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_collection(p, "roots", nargs="+", required=True,
                        help="collections (folders or URIs), one per protocol (labelled by folder name)")
@@ -352,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             verify.require_intact(r, catalog.read_table(r, verify.COLUMNS))
         knowns = _load_knowns(args.known, args.tracking_uri)
         stats = collect_stats(roots, knowns, args.val_fraction)
-    except (PredictabilityError, storage.StorageError, ShardError) as e:  # ShardError: a shard whose sha256 is off
+    except OblivionError as e:  # a bad flag, an unreadable collection, a shard whose sha256 is off
         return cli.fail(e)
-    command = "python -m meta.predictability " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m known.predictability " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = render(stats, list(knowns), command, args.keep_unlearned)
     numbers = summary(stats, list(knowns), args.keep_unlearned)
     for path, text in ((args.out, report), (args.json, json.dumps(numbers, indent=1))):

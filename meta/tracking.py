@@ -23,13 +23,13 @@ def tracking_uri(flag: str | None = None) -> str:
 def existing_store(flag: str | None = None, reading: str = "runs") -> str:
     """``tracking_uri`` for reading ``reading``: a local store that does not exist is refused, since MLflow would
     create an empty one (an mlflow.db in the working folder) only to report the model or run missing from it."""
-    from known import KnownError
+    from meta.storage import StorageError
 
     uri = tracking_uri(flag)
     scheme, sep, rest = uri.partition("://")
     local = rest[1:] if scheme == "sqlite" else rest if scheme == "file" else None if sep else uri
     if local is not None and not Path(local).exists():
-        raise KnownError(f"cannot read {reading}: no MLflow tracking store at {uri}; pass --tracking-uri URI or set "
+        raise StorageError(f"cannot read {reading}: no MLflow tracking store at {uri}; pass --tracking-uri URI or set "
                          "MLFLOW_TRACKING_URI")
     return uri
 
