@@ -61,7 +61,19 @@ SweepPath = Literal["reference", "fast"]  # the training loop (collectors.sweep.
 DEFAULT_SWEEP_PATH: SweepPath = "fast"
 
 
-class SweepSpec(_Strict):
+class ProtocolFields(_Strict):
+    """The forgetting protocol: how a sweep's stages relate (one definition for the spec and the search space;
+    ``meta.record.LEGACY_PROTOCOL`` holds the values every sweep had before a field existed)."""
+
+    stage_init: StageInit = "sequential"
+    schedule: Schedule = "constant"
+    optimizer_state: OptimizerState = "fresh"
+    augment: Augment = "none"
+    weight_decay: float = Field(default=0.0, ge=0)
+    theta0: Theta0 = "epochs"
+
+
+class SweepSpec(ProtocolFields):
     """One forgetting sweep: Θ0 trained on D0, then L-1 stages on nested subsets shrinking by r.
 
     Protocol: ``stage_init`` sequential (stage k fine-tunes Θk−1, the paper) or restart (every stage trains
@@ -86,12 +98,6 @@ class SweepSpec(_Strict):
     train_size: int | None = Field(default=None, ge=1)  # |D0|; None = the full training set
     test_size: int | None = Field(default=None, ge=1)  # test images per evaluation; None = all
     seed: int
-    stage_init: StageInit = "sequential"
-    schedule: Schedule = "constant"
-    optimizer_state: OptimizerState = "fresh"
-    augment: Augment = "none"
-    weight_decay: float = Field(default=0.0, ge=0)
-    theta0: Theta0 = "epochs"
 
     _family = field_validator("family")(_check_family)
     _dataset = field_validator("dataset")(_check_dataset)
@@ -124,7 +130,7 @@ def stage_sizes(n0: int, r: float, n_stages: int) -> list[int]:
     return sizes
 
 
-class SearchSpace(_Strict):
+class SearchSpace(ProtocolFields):
     """Where specs are drawn from: families and datasets uniformly, r uniformly, lr and batch log-uniformly."""
 
     families: list[str] = Field(default_factory=lambda: sorted(zoo.FAMILIES), min_length=1)
@@ -138,12 +144,6 @@ class SearchSpace(_Strict):
     stage_epochs: Annotated[int, Field(ge=1)] | Literal["pretrain"] = 1  # "pretrain": as many epochs as Θ0 had
     train_size: int | None = Field(default=None, ge=1)
     test_size: int | None = Field(default=None, ge=1)
-    stage_init: StageInit = "sequential"
-    schedule: Schedule = "constant"
-    optimizer_state: OptimizerState = "fresh"
-    augment: Augment = "none"
-    weight_decay: float = Field(default=0.0, ge=0)
-    theta0: Theta0 = "epochs"
 
     _families = field_validator("families")(lambda vs: [_check_family(v) for v in vs])
     _datasets = field_validator("datasets")(lambda vs: [_check_dataset(v) for v in vs])
@@ -275,12 +275,7 @@ def sample_spec(config: CollectConfig, index: int) -> SweepSpec:
         train_size=s.train_size,
         test_size=s.test_size,
         seed=rng.randrange(2**31),
-        stage_init=s.stage_init,
-        schedule=s.schedule,
-        optimizer_state=s.optimizer_state,
-        augment=s.augment,
-        weight_decay=s.weight_decay,
-        theta0=s.theta0,
+        **{k: getattr(s, k) for k in ProtocolFields.model_fields},
     )
 
 

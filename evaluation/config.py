@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collectors import zoo
-from collectors.config import SweepPath, load_yaml_model, parse_model
+from collectors.config import Augment, OptimizerState, StageInit, SweepPath, load_yaml_model, parse_model
 from collectors.data import DATASETS
 from known.predict import METHODS
 
@@ -84,9 +84,9 @@ class Source(Task):
     stage_lr: float = Field(default=1e-3, gt=0)
     bn_images: int = Field(default=2000, ge=1)  # source images to re-estimate BN statistics on
     stage_cosine: bool = False  # each stage cosine-decayed too (the meta-v2 protocol), not a constant lr
-    stage_init: Literal["sequential", "restart"] = "sequential"
-    optimizer_state: Literal["fresh", "carry"] = "fresh"
-    augment: Literal["none", "crop_flip"] = "none"
+    stage_init: StageInit = "sequential"
+    optimizer_state: OptimizerState = "fresh"
+    augment: Augment = "none"
     weight_decay: float = Field(default=0.0, ge=0)  # decoupled (AdamW) in pre-training and every stage
     # the ceiling: Θ0's recipe on supersets of D0 m times its size (m = 1/r^k, the ×data a KNOW step claims)
     oracles: list[int] = Field(default_factory=list)

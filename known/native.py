@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from meta import storage
+
 log = logging.getLogger(__name__)
 S = 5  # the kernel is compiled for KNOWN's five stages
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -50,23 +52,20 @@ def _cpu() -> str:
 
 
 def _build(cxx: str) -> Path:
-    """The kernel's shared library, compiled unless this machine already has it (written to a temporary name,
-    then renamed: processes that build at once never load a half-written file)."""
+    """The kernel's shared library, compiled unless this machine already has it (compiled in a scratch folder,
+    then published by the one atomic writer: processes that build at once never load a half-written file)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"known-{key}.so"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        run = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        out = Path(scratch) / path.name
+        run = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
         if run.returncode:
             raise OSError(f"{cxx} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        storage.write_atomic(*storage.resolve(str(path)), out.read_bytes())
     return path
 
 
