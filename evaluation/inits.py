@@ -6,18 +6,26 @@
   measured update, so a predictor only counts where it beats its own shrink-plus-noise;
 - shrink (σ = 0, λ fitted per tensor to a predictor's update) and scaled (a fixed λ = 0.8^k): does a gain
   come from the shrink alone? (the naive controls with BN statistics reset and a larger fine-tuning lr are
-  fine-tune settings of ``evaluation.transfer.build_inits``);
+  fine-tune settings of an ``Init``);
 - decompose: how much of a predictor's update Θ̂ − Θ0 is a uniform shrink of Θ0, and how much more a
-  step along Θ0 − Θ1 explains (R² over all predicted scalars).
+  step along Θ0 − Θ1 explains (R² over all predicted scalars);
+- ``build_inits``: every initialisation of one experiment for one pre-trained model (``Init``: its
+  description, weights and what its fine-tune changes).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from known.predict import PREDICTED_KINDS
+from collectors import data, zoo
+from evaluation.config import TransferConfig
+from evaluation.trajectories import Trajectory
+from known.predict import PREDICTED_KINDS, retrodict
 
 State = dict[str, torch.Tensor]
 
@@ -107,3 +115,83 @@ def decompose(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Ten
         return {"lambda": lam_sum / max(count, 1), "r2_shrink": float("nan"), "r2_shrink_dir": float("nan"), "update_rel": 0.0}
     return {"lambda": lam_sum / count, "r2_shrink": 1 - res_shrink / total, "r2_shrink_dir": 1 - res_both / total,
             "update_rel": (total / norm0) ** 0.5 if norm0 else float("nan")}
+
+
+# -- an experiment's initialisations -------------------------------------------------------------------
+
+@dataclass
+class Init:
+    """One initialisation to fine-tune from: its description (logged with every child run), its weights
+    (None: from scratch), and what its fine-tune changes (the bn-reset and lr controls)."""
+
+    desc: dict
+    state: dict[str, torch.Tensor] | None
+    finetune: dict = field(default_factory=dict)
+
+
+def naive_controls(cfg: TransferConfig, traj: Trajectory, fresh: dict) -> dict[str, Init]:
+    """naive Θ0, the oracles, and the controls that change Θ0 without a predictor: the trajectory average, BN
+    statistics reset or BN at its initial values, larger fine-tuning rates, a fixed shrink, the last stage
+    Θ_{S−1}, and Θ0's recipe trained to convergence."""
+    r, theta0 = traj.r, traj.stages[0]
+    out = {"naive": Init({"method": "naive", "step": 0}, theta0)}
+    for m, state in traj.oracles.items():
+        out[f"oracle-x{m}"] = Init({"method": "oracle", "step": round(math.log(m) / math.log(1 / r), 3), "multiplier": m}, state)
+    if "average" in cfg.controls:
+        out["average"] = Init({"method": "average", "step": 0}, average(traj.stages, traj.kinds))
+    if "bn-reset" in cfg.controls:
+        out["naive-bnreset"] = Init({"method": "bn-reset", "step": 0}, theta0, {"bn": "reset"})
+    if "bn-init" in cfg.controls:
+        out["naive-bninit"] = Init({"method": "bn-init", "step": 0}, bn_at_init(theta0, fresh, traj.kinds))
+    if "lr" in cfg.controls:
+        for f in cfg.lr_factors:
+            out[f"naive-lr{f:g}"] = Init({"method": "lr", "lr_factor": f, "step": 0}, theta0, {"full_lr": cfg.downstream.full_lr * f})
+    if "shrink-fixed" in cfg.controls:
+        for k in range(1, cfg.steps + 1):
+            lam = cfg.shrink_fixed ** k
+            out[f"scaled-{k}"] = Init({"method": "scaled", "lambda": round(lam, 6), "step": k}, scaled(theta0, traj.kinds, lam))
+    if "last" in cfg.controls:
+        out["naive-last"] = Init({"method": "last", "step": 0, "multiplier": round(r ** (len(traj.stages) - 1), 4)}, traj.stages[-1])
+    if "converged" in cfg.controls:
+        out["naive-converged"] = Init({"method": "converged", "step": 0, "multiplier": 1}, traj.converged)
+    return out
+
+
+def predictions(cfg: TransferConfig, traj: Trajectory, models: dict, fresh: dict) -> tuple[dict[str, Init], list[dict], dict]:
+    """Each method's predictions ×1/r … ×1/r^steps and the controls matched to each prediction's update
+    (shrink-and-perturb, pure shrink); with ``predicted_bn: init`` all of them carry BatchNorm at its initial
+    values, as the released scripts' predicted networks do. Also the update decomposition and the seconds."""
+    theta0 = traj.stages[0]
+    bn = (lambda st: bn_at_init(st, fresh, traj.kinds)) if cfg.predicted_bn == "init" else (lambda st: st)
+    out, decomposition, wall = {}, [], {}
+    for method in cfg.methods:
+        t0 = time.perf_counter()
+        preds = retrodict(traj.stages, cfg.steps, method, models=models.get(method), kinds=traj.kinds)
+        wall[method] = time.perf_counter() - t0
+        for k, pred in enumerate(preds, 1):
+            out[f"{method}-{k}"] = Init({"method": method, "step": k}, bn(pred))
+            decomposition.append({"init": f"{method}-{k}", **decompose(theta0, traj.stages[1], pred, traj.kinds)})
+            if method not in cfg.shrink_perturb_for:
+                continue
+            if "shrink-perturb" in cfg.controls:
+                sp = shrink_perturb(theta0, pred, traj.kinds, seed=cfg.seed + k)
+                out[f"sp-{method}-{k}"] = Init({"method": "shrink-perturb", "matches": method, "step": k}, bn(sp))
+            if "shrink" in cfg.controls:
+                out[f"shrink-{method}-{k}"] = Init({"method": "shrink", "matches": method, "step": k},
+                                                   bn(shrink(theta0, pred, traj.kinds)))
+    return out, decomposition, wall
+
+
+def build_inits(cfg: TransferConfig, traj: Trajectory, models: dict) -> tuple[dict[str, Init], list[dict], dict]:
+    """init id -> Init; the update decomposition rows; prediction seconds per method."""
+    fresh = None
+    if "bn-init" in cfg.controls or cfg.predicted_bn == "init":  # the initial values BN takes there
+        info = data.DATASETS[traj.task.dataset]
+        torch.manual_seed(cfg.seed)
+        fresh = zoo.build(traj.family, traj.arch, info.channels, len(traj.task.classes)).state_dict()
+    out = naive_controls(cfg, traj, fresh)
+    preds, decomposition, wall = predictions(cfg, traj, models, fresh)
+    out |= preds
+    for init in out.values():
+        init.desc.setdefault("multiplier", round((1 / traj.r) ** init.desc["step"], 4))
+    return out, decomposition, wall

@@ -121,12 +121,12 @@ def test_pure_and_fixed_shrink_controls():
 
 
 def test_controls_change_only_what_they_say(tmp_path):
-    from evaluation import transfer
+    from evaluation import inits, trajectories
 
     cfg = parse_config(_with(steps=2, controls=["bn-reset", "lr", "shrink-fixed", "shrink"], lr_factors=[1.5, 2.0]))
     stages = [_state(k) for k in range(5)]
-    traj = transfer.Trajectory(stages, _kinds(), "cnn", {}, cfg.source, 0.5, 10, oracles={2: _state(9)})
-    got, _, _ = transfer.build_inits(cfg, traj, {})
+    traj = trajectories.Trajectory(stages, _kinds(), "cnn", {}, cfg.source, 0.5, 10, oracles={2: _state(9)})
+    got, _, _ = inits.build_inits(cfg, traj, {})
     assert got["naive-bnreset"].finetune == {"bn": "reset"} and got["naive-bnreset"].state is stages[0]
     assert got["naive-lr2"].finetune == {"full_lr": 2 * cfg.downstream.full_lr}
     assert cfg.downstream.model_copy(update=got["naive-lr1.5"].finetune).full_lr == pytest.approx(1.5e-3)
@@ -141,7 +141,7 @@ def test_the_released_scripts_controls_and_bn_at_init(tmp_path):
     import torch
 
     from collectors import zoo
-    from evaluation import transfer
+    from evaluation import inits, trajectories
 
     arch = {"depth": 2, "width": 4, "hidden": 8}
     cfg = parse_config(_with(steps=1, controls=["bn-init", "last", "converged", "shrink"], predicted_bn="init",
@@ -151,8 +151,8 @@ def test_the_released_scripts_controls_and_bn_at_init(tmp_path):
     torch.manual_seed(7)
     stages = [{n: t + 0.1 * (k + 1) if t.is_floating_point() else t + k + 1 for n, t in model.state_dict().items()}
               for k in range(5)]
-    traj = transfer.Trajectory(stages, kinds, "cnn", arch, cfg.source, 0.5, 10, converged=stages[2])
-    got, _, _ = transfer.build_inits(cfg, traj, {})
+    traj = trajectories.Trajectory(stages, kinds, "cnn", arch, cfg.source, 0.5, 10, converged=stages[2])
+    got, _, _ = inits.build_inits(cfg, traj, {})
     assert got["naive-last"].state is stages[-1] and got["naive-converged"].state is stages[2]
     fresh = model.state_dict()
     for name in ("naive-bninit", "taskvector-1", "shrink-taskvector-1"):
@@ -170,14 +170,14 @@ def test_the_released_scripts_controls_and_bn_at_init(tmp_path):
 
 
 def test_protocol_mismatch_with_the_known_under_test_is_reported():
-    from evaluation import transfer
+    from evaluation import trajectories
 
-    ours, note = transfer.protocol_check(parse_config(_with(methods=["known"], shrink_perturb_for=[])))
+    ours, note = trajectories.protocol_check(parse_config(_with(methods=["known"], shrink_perturb_for=[])))
     assert ours["schedule"] == "cosine Θ0, constant stages" and ours["stage_epochs"] == "pretrain"
     assert note.startswith("protocol MISMATCH") and "schedule: here cosine Θ0, constant stages, meta-training cosine" in note
     same = _with(methods=["known"], shrink_perturb_for=[], source__stage_cosine=True)
-    assert transfer.protocol_check(parse_config(same))[1].startswith("protocol: the evaluation sweep follows")
-    assert transfer.protocol_check(parse_config(BASE))[1] is None  # no KNOWN under test: nothing to match
+    assert trajectories.protocol_check(parse_config(same))[1].startswith("protocol: the evaluation sweep follows")
+    assert trajectories.protocol_check(parse_config(BASE))[1] is None  # no KNOWN under test: nothing to match
 
 
 def test_report_module_imports_without_torch():
@@ -289,3 +289,33 @@ def test_the_head_phase_trains_batchnorm_only_when_asked(settings, monkeypatch, 
     assert torch.equal(after_head["0.weight"], init["0.weight"])  # the kernels stay frozen either way
     moved = not torch.equal(after_head["1.weight"], init["1.weight"]) and not torch.equal(after_head["1.running_mean"], init["1.running_mean"])
     assert moved == trains_bn
+
+
+@pytest.mark.ray
+def test_fine_tunes_follow_the_collectors_failure_policy(tmp_path, ray_local, monkeypatch):
+    """A dead worker's fine-tune is retried (and answers); one whose own code raises fails at once, once, and
+    is named — the others still reach on_result."""
+    from evaluation import runner
+    from evaluation.inits import Init
+
+    cfg = parse_config(BASE)
+    traj = type("T", (), {"family": "cnn", "arch": {}})()
+    jobs = [runner.Job(("naive", 0, seed), Init({"method": "naive", "step": 0}, None), traj) for seed in (11, 12, 13)]
+    marker = str(tmp_path / "died")
+
+    def dies_once_then_answers(init, family, arch, task_json, settings, seed, path, tuning_json):
+        import os  # self-contained: Ray ships this function by value
+
+        if seed == 13:
+            raise ValueError("a bug in fine-tuning code")
+        if not os.path.exists(f"{marker}-{seed}"):
+            open(f"{marker}-{seed}", "w").close()
+            os._exit(1)  # the worker process dies
+        return {"acc_head": 0.5, "acc_full": 0.6, "wall_s": 0.0}
+
+    monkeypatch.setattr(runner, "_finetune_job", dies_once_then_answers)
+    got = []
+    with pytest.raises(runner.FinetuneError, match=r"1 of 3 fine-tunes failed:\n  \('naive', 0, 13\): ValueError: a bug"):
+        runner.run_finetunes(jobs, cfg, None, 2, got.append)
+    assert sorted(r["seed"] for r in got) == [11, 12]  # each died once, was retried, and answered
+    assert not (tmp_path / "died-13").exists()  # the raising one was never retried
