@@ -64,7 +64,7 @@ def _steady_rate(marks: list[tuple[float, int]], n: int) -> float | None:
 
 
 def _first_batch_s(out: str) -> float:
-    from known.train import SHUFFLE_ROWS, epoch_batches, to_rows
+    from known.batches import SHUFFLE_ROWS, epoch_batches, to_rows
     from meta import readers
 
     t0 = time.perf_counter()

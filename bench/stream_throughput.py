@@ -1,10 +1,10 @@
 """Is KNOWN's trainer ever starved? Training rows/s fed by the streaming pipeline vs fed from memory.
 
-Both run the same ``known.train.train_step`` (three KNOWNs, one Adam step each per batch) on the same
+Both run the same ``known.objective.train_step`` (three KNOWNs, one Adam step each per batch) on the same
 meta-dataset:
 - in memory: every window decoded up front into tensors, batches sliced from them (the ceiling);
 - streaming: the pipeline ``known.train`` uses — Ray Data reads the shards with the safe decoder,
-  ``to_rows`` turns sweeps into windows, ``known.train.epoch_batches`` cuts batches through its shuffle buffer;
+  ``to_rows`` turns sweeps into windows, ``known.batches.epoch_batches`` cuts batches through its shuffle buffer;
 - the same stream through Ray Data's own local shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=…)``)
   instead, which ``known.train`` used before: its cost per row and the sweeps it mixes into a batch, for comparison.
 Figure: streaming rows/s ÷ in-memory rows/s (target >= 0.8), same process, same batches per epoch.
@@ -20,7 +20,8 @@ import torch
 from common import emit
 
 from known import registry
-from known.train import SHUFFLE_ROWS, Objective, epoch_batches, optimizer, to_rows, train_step
+from known.batches import SHUFFLE_ROWS, epoch_batches, to_rows
+from known.objective import Objective, optimizer, train_step
 from meta import catalog, readers
 
 

@@ -3,7 +3,7 @@ plain matmul measured in the same run.
 
 KNOWN costs 8,832 multiply-adds per row forward; forward + backward ≈ 3× forward = 52,992 FLOPs per row. The
 rows come as ``known.train`` streams them (Ray Data reads the shards, ``to_rows`` over ``--sweeps-per-block``
-sweeps with biases repeated, ``epoch_batches``' shuffle buffer) into Ray Train workers running ``known.train.train_step``
+sweeps with biases repeated, ``epoch_batches``' shuffle buffer) into Ray Train workers running ``known.objective.train_step``
 (``Objective``: the native kernel on the CPU, DDP between workers). ``--configs`` are workers × kernel threads
 each: one worker on one core, two (DDP) on one each, one on two (all reserve 0.5 CPU, so Ray Data keeps a share).
 Rows/s is the rank-0 worker's times the worker count (the shards are split evenly and DDP keeps the ranks in
@@ -25,7 +25,9 @@ import torch
 from common import KNOWN_MACS, best_of, emit
 
 from known import registry
-from known.train import SHUFFLE_ROWS, Objective, epoch_batches, optimizer, require_counts, to_rows, train_step
+from known.batches import SHUFFLE_ROWS, epoch_batches, to_rows
+from known.objective import Objective, optimizer, train_step
+from known.train import require_counts
 from meta import catalog, readers
 
 FLOPS_PER_ROW = 6 * KNOWN_MACS

@@ -8,7 +8,7 @@ from ray.train import DataConfig
 class Ingest(DataConfig):
     """Training windows split equally among the workers (DDP's ranks step together; Ray drops the remainder);
     validation windows split without dropping any: each worker validates its split and
-    ``known.train.validation_metrics`` adds the ranks' sums. Each worker used to validate every window, so N
+    ``known.objective.validation_metrics`` adds the ranks' sums. Each worker used to validate every window, so N
     workers did N times the work."""
 
     def __init__(self):

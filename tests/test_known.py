@@ -432,7 +432,8 @@ def test_without_a_compiler_the_torch_layout_runs_and_says_so(monkeypatch, tmp_p
 @pytest.mark.parametrize("rows, threads", [(1000, 1), (9001, 3)])  # partial blocks; a kind across thread boundaries
 def test_native_training_step_gives_torch_autograd_losses_and_gradients(rows, threads, monkeypatch):
     from known import native
-    from known.train import KIND_IDS, Objective
+    from known.objective import Objective
+    from known.windows import KIND_IDS
 
     torch.manual_seed(1)
     models = {k: KNOWN(inputs="rms") for k in ("bias", "conv", "linear")}  # not KIND_IDS' order
@@ -524,7 +525,7 @@ def test_the_step_layout_is_the_kernel_for_float32_on_the_cpu_and_torch_otherwis
 
 
 def test_shuffled_batches_are_a_seeded_permutation_that_mixes_the_chunks():
-    from known.train import shuffled
+    from known.batches import shuffled
 
     chunks = [{"y": torch.arange(i * 100, (i + 1) * 100), "sweep": torch.full((100,), i)} for i in range(10)]
     batches = list(shuffled(iter(chunks), 32, 150, seed=3))
@@ -539,7 +540,7 @@ def test_shuffled_batches_are_a_seeded_permutation_that_mixes_the_chunks():
 
 
 def test_epoch_batches_shuffle_on_the_cpu_and_hand_batches_to_the_device():
-    from known.train import epoch_batches
+    from known.batches import epoch_batches
 
     class Shard:  # Ray Data's shard: records the device it was asked for (a CUDA worker's default is the GPU)
         def __init__(self):
@@ -557,7 +558,7 @@ def test_epoch_batches_shuffle_on_the_cpu_and_hand_batches_to_the_device():
 
 def test_the_knowns_follow_the_objectives_parameter_when_it_is_moved_or_converted():
     from known import registry
-    from known.train import Objective
+    from known.objective import Objective
 
     models = registry.fresh(0, "rms")
     objective = Objective(models).double()
@@ -573,7 +574,8 @@ def _ddp_rank(rank: int, store: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from known import registry
-    from known.train import KIND_IDS, Objective, optimizer, train_step, validation_metrics
+    from known.objective import Objective, optimizer, train_step, validation_metrics
+    from known.windows import KIND_IDS
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different batches on each rank
@@ -592,7 +594,7 @@ def _ddp_rank(rank: int, store: str, out: str) -> None:
 
 
 def _validation_batches() -> list[dict]:
-    from known.train import KIND_IDS
+    from known.windows import KIND_IDS
 
     gen = torch.Generator().manual_seed(5)
     out = []
@@ -610,7 +612,7 @@ def test_data_parallel_training_keeps_every_ranks_knowns_equal_and_validates_spl
     import torch.multiprocessing as mp
 
     from known import registry
-    from known.train import validation_metrics
+    from known.objective import validation_metrics
 
     mp.spawn(_ddp_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

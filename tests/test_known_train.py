@@ -8,7 +8,9 @@ import pytest
 from collectors.collect import collect
 from collectors.config import sample_specs
 from conftest import tiny_config
-from known import registry, train
+from known import batches, checkpoint, registry, train
+from known import objective as loss
+from known.windows import KIND_IDS
 from known.windows import is_validation, sweep_windows, window_targets
 from meta import catalog, readers
 
@@ -39,7 +41,7 @@ def test_windows_take_s_stages_least_data_first_and_the_next_stage_as_target(met
     # window k=0: inputs stages 5,4,3,2,1 (least data first), target stage 0; k=1: stages 6..2 -> stage 1
     assert (x[0] == first[[5, 4, 3, 2, 1], 0]).all() and y[0] == first[0, 0]
     assert (x[n] == first[[6, 5, 4, 3, 2], 0]).all() and y[n] == first[1, 0]
-    rows = train.to_rows({"sweep_id": [sample.key], "json": [sample.record.model_dump_json().encode()],
+    rows = batches.to_rows({"sweep_id": [sample.key], "json": [sample.record.model_dump_json().encode()],
                           "safetensors": [_safetensors(sample)]})
     assert len(rows["y"]) == sum(len(w.y) for w in wins.values()) and rows["x"].shape[1] == 5
     assert set(rows) == {"x", "y", "rms", "kind", "sweep"} and len(set(rows["sweep"].tolist())) == 1
@@ -57,13 +59,13 @@ def _safetensors(sample) -> bytes:
 def test_sweeps_that_never_learned_are_left_out_unless_kept():
     rows = [{"sweep_id": "a", "stage_test_acc": [0.91, 0.9]}, {"sweep_id": "b", "stage_test_acc": [0.14, 0.2]},
             {"sweep_id": "c", "stage_test_acc": [0.16, 0.1]}]  # chance is 0.10; the margin 0.05
-    assert [r["sweep_id"] for r in train.training_rows(rows)] == ["a", "c"]
-    assert len(train.training_rows(rows, keep_unlearned=True)) == 3
+    assert [r["sweep_id"] for r in batches.training_rows(rows)] == ["a", "c"]
+    assert len(batches.training_rows(rows, keep_unlearned=True)) == 3
 
 
 def test_size_curve_fractions_are_nested_and_keep_the_validation_sweeps():
     rows = [{"sweep_id": f"{i:016x}"} for i in range(400)]
-    (quarter, v1), (half, v2), (full, v3) = (train.split(rows, 0.2, f) for f in (0.25, 0.5, 1.0))
+    (quarter, v1), (half, v2), (full, v3) = (batches.split(rows, 0.2, f) for f in (0.25, 0.5, 1.0))
     assert v1 == v2 == v3 and not (full & v3)
     assert quarter <= half <= full and len(full) + len(v3) == 400
     assert 0.15 < len(quarter) / len(full) < 0.35 and 0.4 < len(half) / len(full) < 0.6
@@ -247,23 +249,23 @@ def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
     from known.model import KNOWN
 
     models = registry.fresh(1)
-    objective = train.Objective(models)
-    opt = train.optimizer(objective, lr=1e-3)
+    objective = loss.Objective(models)
+    opt = loss.optimizer(objective, lr=1e-3)
     objective.flat.grad = torch.randn_like(objective.flat)
     opt.step()
-    progress = train.Progress(epoch=2, step=37, batches=5, mixing=[31.0, 5])
+    progress = checkpoint.Progress(epoch=2, step=37, batches=5, mixing=[31.0, 5])
     progress.sums["bias"] = [1.5, 0.25, 80]
-    train._checkpoint_dir(models, opt, progress, d=str(tmp_path))
+    checkpoint.save(models, opt, progress, d=str(tmp_path))
     again = registry.fresh(2)
-    objective2 = train.Objective(again)
-    opt2 = train.optimizer(objective2, lr=1e-3)
-    assert train.restore(again, opt2, str(tmp_path)) == progress  # mid-epoch: 5 batches to skip, their metrics
+    objective2 = loss.Objective(again)
+    opt2 = loss.optimizer(objective2, lr=1e-3)
+    assert checkpoint.restore(again, opt2, str(tmp_path)) == progress  # mid-epoch: 5 batches to skip, their metrics
     assert all(torch.equal(again["conv"].state_dict()[n], t) for n, t in models["conv"].state_dict().items())
     assert torch.equal(objective2.flat, objective.flat)  # the models' parameters are views of the trained one
     assert torch.equal(opt2.state[objective2.flat]["exp_avg"], opt.state[objective.flat]["exp_avg"])
     raw = {k: KNOWN(inputs="raw") for k in models}  # a checkpoint of the official (raw-input) kind
     with pytest.raises(ValueError, match="inputs='scaled'"):
-        train.restore(raw, train.optimizer(train.Objective(raw), 1e-3), str(tmp_path))
+        checkpoint.restore(raw, loss.optimizer(loss.Objective(raw), 1e-3), str(tmp_path))
 
 
 def test_a_checkpoint_of_per_kind_optimisers_resumes_as_the_flat_one_would_have(tmp_path):
@@ -287,9 +289,9 @@ def test_a_checkpoint_of_per_kind_optimisers_resumes_as_the_flat_one_would_have(
     for g, p in zip(grads, (p for m in models.values() for p in m.parameters())):
         p.grad = g
     resumed = registry.fresh(2)
-    objective = train.Objective(resumed)
-    opt = train.optimizer(objective, lr=1e-3)
-    assert train.restore(resumed, opt, str(tmp_path)) == train.Progress(epoch=1, step=2)  # no batch count: epoch 1 restarts
+    objective = loss.Objective(resumed)
+    opt = loss.optimizer(objective, lr=1e-3)
+    assert checkpoint.restore(resumed, opt, str(tmp_path)) == checkpoint.Progress(epoch=1, step=2)  # no batch count: epoch 1 restarts
     for o in opts.values():  # the old optimisers' third step
         o.step()
     objective.flat.grad = torch.cat([g.reshape(-1) for g in grads])
@@ -301,7 +303,7 @@ def test_a_checkpoint_of_per_kind_optimisers_resumes_as_the_flat_one_would_have(
     del state["bias"]["state"][3]  # a tensor without moments: the rest would land on the wrong parameters
     torch.save(state, tmp_path / "optimizers.pt")
     with pytest.raises(ValueError, match="covers 28267 parameters, the KNOWNs have 28275"):
-        train.restore(resumed, opt, str(tmp_path))
+        checkpoint.restore(resumed, opt, str(tmp_path))
 
 
 def test_predictability_report_of_a_collected_meta_dataset_goes_to_file_and_mlflow(meta_root, tmp_path):
@@ -340,9 +342,9 @@ def test_validation_metrics_are_known_steps_relative_l1(inputs):
         return {"x": x, "y": x[:, -1] + 0.01 * torch.randn(n, generator=gen), "rms": 0.05 + torch.rand(n, generator=gen),
                 "kind": torch.tensor(kinds)[torch.randint(len(kinds), (n,), generator=gen)]}
 
-    ids = train.KIND_IDS
+    ids = KIND_IDS
     batches = [batch(900, [ids[k] for k in PREDICTED_KINDS]), batch(300, [ids["conv"], ids["bias"]])]
-    got = train.validation_metrics(models, batches)
+    got = loss.validation_metrics(models, batches)
     err, step = {k: 0.0 for k in PREDICTED_KINDS}, {k: 0.0 for k in PREDICTED_KINDS}
     for b in batches:
         for k in PREDICTED_KINDS:
@@ -399,12 +401,12 @@ def test_two_workers_validate_their_splits_and_report_every_window(meta_root, tm
     assert done.returncode == 0, done.stderr[-3000:]
     final = _final(done.stdout)
     [last] = [d for d in (tmp_path / "train" / "two").glob("checkpoint_*") if d.is_dir()
-              if json.loads((d / train.PROGRESS_FILE).read_text())["epoch"] == 2]
+              if json.loads((d / checkpoint.PROGRESS_FILE).read_text())["epoch"] == 2]
     models = registry.load_dir(last)
-    _, val_ids = train.split(train.training_rows([r for r in catalog.read(str(meta_root)) if r["status"] == "done"],
+    _, val_ids = batches.split(batches.training_rows([r for r in catalog.read(str(meta_root)) if r["status"] == "done"],
                                                  keep_unlearned=True), 0.34)
-    val = readers.ray_dataset(str(meta_root), where=lambda r: r["sweep_id"] in val_ids).map_batches(train.to_rows, batch_size=16)
+    val = readers.ray_dataset(str(meta_root), where=lambda r: r["sweep_id"] in val_ids).map_batches(batches.to_rows, batch_size=16)
     with torch.no_grad():
-        want = train.validation_metrics(models, val.iter_torch_batches(batch_size=1024))
+        want = loss.validation_metrics(models, val.iter_torch_batches(batch_size=1024))
     for k in ("val_rel_l1_known", "val_rel_l1_known_conv", "val_rel_l1_taskvector"):
         assert final[k] == pytest.approx(want[k], rel=1e-5), k

@@ -14,7 +14,9 @@ import torch
 
 from known import KnownError, registry
 from meta.tracking import use_tracking
-from known.train import best_checkpoint, validation_digest, wants_gpu
+from known.checkpoint import best_checkpoint
+from known.train import wants_gpu
+from known.training_run import validation_digest
 
 
 @pytest.fixture
