@@ -10,7 +10,6 @@ Exit status: 0 every requested sweep is done; 1 some failed (the summary says wh
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -57,7 +56,6 @@ def _live_view(args: argparse.Namespace, n_sweeps: int, num_workers: int | None)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:  # everything that can be checked is checked before Ray starts
         config = load_config(args.config)
         if args.workers is not None and args.workers < 1:

@@ -336,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
                    "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.val_fraction is not None and not 0 < args.val_fraction < 1:
             raise PredictabilityError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")

@@ -6,6 +6,7 @@ subfolder is understood; bad input is one line ``error: …`` on stderr with exi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from meta import catalog, storage
@@ -41,6 +42,7 @@ class Parser(argparse.ArgumentParser):
         return action
 
     def parse_known_args(self, args=None, namespace=None):
+        setup_logging()
         ns, rest = super().parse_known_args(args, namespace)
         for dest, old in self._positional.items():
             value = getattr(ns, old, None)
@@ -52,6 +54,13 @@ class Parser(argparse.ArgumentParser):
         if missing:
             self.error(f"the following arguments are required: {', '.join(missing)}")
         return ns, rest
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Logging for every command, configured once where its arguments are parsed: the library's ``log.info``
+    lines reach the user (timestamped: collections and trainings run for hours); a no-op where the root logger
+    already has handlers (an embedding application, pytest)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def collection(value: str) -> str:
