@@ -96,18 +96,43 @@ def stepper(model: KNOWN, window: torch.Tensor):
     return chosen(model).to(window.device), default_chunk(chosen, window)
 
 
-def layout(window: torch.Tensor, model: KNOWN):
-    """The fastest KNOW step layout for these windows: the native kernel on the CPU, the Triton kernel on CUDA
-    (float32, 5 stages, Triton installed), else the torch layout (known/fast.py)."""
-    if native.runs(window, model):
+def choose(device: str, dtype: torch.dtype | None, n_stages: int, native_available: bool, triton_available: bool):
+    """The KNOW step's implementation, chosen here and nowhere else (a pure function, tested case by case):
+
+    | where | what runs |
+    |---|---|
+    | CPU, float32, 5 stages, a C++ compiler here | ``NativeKNOWN``: the fused C++ kernel (known/native.cpp) |
+    | CUDA, float32, 5 stages, Triton installed | ``TritonKNOWN``: the Triton kernel (known/gpu.py) |
+    | anything else (float64, other stage counts, no compiler, no Triton) | ``FastKNOWN``: the torch layout |
+
+    Each implements ``step(w, rms, chunk, threads)`` and is tested against ``KNOWN.step``, the reference (which
+    the registered pyfunc runs: it must load without this repository's kernels). ``dtype`` None: the windows
+    and the model disagree."""
+    exact = dtype == torch.float32 and n_stages == S
+    if device == "cpu" and exact and native_available:
         return NativeKNOWN
-    if window.is_cuda and window.dtype == torch.float32 and model.n_stages == S:
-        try:
-            from known.gpu import TritonKNOWN
-        except ImportError:  # a CUDA torch without Triton
-            return FastKNOWN
+    if device == "cuda" and exact and triton_available:
+        from known.gpu import TritonKNOWN
+
         return TritonKNOWN
     return FastKNOWN
+
+
+def _triton_available() -> bool:
+    try:
+        import known.gpu  # noqa: F401
+    except ImportError:  # a CUDA torch without Triton
+        return False
+    return True
+
+
+def layout(window: torch.Tensor, model: KNOWN):
+    """``choose`` for these windows and this model (the kernel is built on first use where it can be)."""
+    same = all(p.device == window.device and p.dtype == window.dtype for p in model.parameters())
+    device = window.device.type
+    return choose(device, window.dtype if same else None, model.n_stages,
+                  native_available=device == "cpu" and native.library() is not None,
+                  triton_available=device == "cuda" and _triton_available())
 
 
 def default_chunk(chosen, window: torch.Tensor) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from known import KnownError
+from known import KnownError, predict
 from known.predict import PREDICTED_KINDS as KINDS
 from meta import catalog, cli, readers, storage, verify
 from meta.errors import OblivionError
@@ -121,7 +121,8 @@ def _errors(windows, knowns: dict) -> tuple[float, dict[str, float], torch.Tenso
     errors |= _oracle_errors(x, y)
     with torch.inference_mode():
         for label, model in knowns.items():
-            errors[label] = (model.step(x.float(), rms.float()).double() - y).abs().sum().item()
+            step, chunk = predict.stepper(model, x.float())
+            errors[label] = (step.step(x.float(), rms.float(), chunk).double() - y).abs().sum().item()
     return (y - x[:, -1]).abs().sum().item(), errors, x, y, rms
 
 

@@ -522,6 +522,23 @@ def test_the_step_layout_is_the_kernel_for_float32_on_the_cpu_and_torch_otherwis
     assert layout(w, model) is NativeKNOWN
     assert layout(w.double(), model.double()) is FastKNOWN  # the kernel reads float32 only
     assert layout(w[:, :4], KNOWN(n_stages=4)) is FastKNOWN  # and five stages
+    assert layout(w.double(), model) is FastKNOWN  # windows and model disagree
+
+
+@pytest.mark.parametrize("device, dtype, stages, native_ok, triton_ok, want", [
+    ("cpu", torch.float32, 5, True, False, "NativeKNOWN"),
+    ("cpu", torch.float32, 5, False, False, "FastKNOWN"),  # no compiler here
+    ("cpu", torch.float64, 5, True, False, "FastKNOWN"),
+    ("cpu", torch.float32, 4, True, False, "FastKNOWN"),
+    ("cpu", None, 5, True, False, "FastKNOWN"),  # windows and model in different dtypes
+    ("cuda", torch.float32, 5, True, False, "FastKNOWN"),  # no Triton
+    ("cuda", torch.float64, 5, True, True, "FastKNOWN"),
+    ("cpu", torch.float32, 5, False, True, "FastKNOWN"),  # Triton is for CUDA
+])
+def test_one_place_chooses_the_know_step(device, dtype, stages, native_ok, triton_ok, want):
+    from known.predict import choose
+
+    assert choose(device, dtype, stages, native_ok, triton_ok).__name__ == want
 
 
 def test_shuffled_batches_are_a_seeded_permutation_that_mixes_the_chunks():
