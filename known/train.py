@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from known import registry
 from known.batches import SHUFFLE_ROWS, split, to_rows, training_rows
 from known.checkpoint import RANK, best_checkpoint
-from known.loop import train_loop
+from known.loop import TrainConfig, train_loop
 from known.model import INPUT_MODES
 from known.objective import METRIC, validation_metrics
 from known.training_run import log_lineage, start_run
@@ -165,14 +165,13 @@ def fit_and_register(args, uri: str, run_id: str, train_ids: set[str], val_ids: 
                                    shuffle=FileShuffleConfig(seed=args.seed)).map_batches(
             to_rows, batch_size=sweeps_per_block, fn_kwargs={"seed": args.seed, "repeat": repeat})
 
-    cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "inputs": args.inputs,
-           "threads": max(1, int(args.cpus_per_worker)),  # the native kernel's threads: the CPUs the worker reserved
-           "shuffle_buffer": args.shuffle_buffer, "checkpoint_every": args.checkpoint_every,
-           "tracking_uri": uri, "run_id": run_id}
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, inputs=args.inputs,
+                      threads=max(1, int(args.cpus_per_worker)), shuffle_buffer=args.shuffle_buffer,
+                      checkpoint_every=args.checkpoint_every, tracking_uri=uri, run_id=run_id)
     val = dataset(val_ids, 1)  # every scalar once; a block per sweep, so that the workers can share the validation
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=cfg,
+        train_loop_config=cfg.model_dump(),
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=wants_gpu(args.use_gpu, ray.cluster_resources()),
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         datasets={"train": dataset(train_ids, args.sweeps_per_block, {"bias": args.bias_repeat}), "val": val},
