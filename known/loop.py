@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from known import registry
 from known.batches import SHUFFLE_ROWS, epoch_batches
 from known.checkpoint import RANK, UNMEASURED, Progress, restore, save
-from known.model import InputMode
+from known.model import DEFAULT_INPUTS, InputMode
 from known.objective import METRIC, Objective, optimizer, train_step, validation_metrics
 
 
@@ -27,7 +27,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     seed: int = 0
-    inputs: InputMode = "rms"
+    inputs: InputMode = DEFAULT_INPUTS
     threads: int = Field(default=1, ge=1)  # the native kernel's threads: the CPUs the worker reserved
     shuffle_buffer: int = Field(default=SHUFFLE_ROWS, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)

@@ -29,6 +29,7 @@ EXP_FLOOR, EXP_CEIL = -60.0, 60.0
 TINY = 1e-12  # keeps the scale of a weight that never moved positive (its input is then all zeros)
 InputMode = Literal["raw", "scaled", "rms"]
 INPUT_MODES: tuple[InputMode, ...] = ("raw", "scaled", "rms")
+DEFAULT_INPUTS: InputMode = "rms"  # the best on held-out sweeps (docs/known.md): what a new KNOWN reads
 PREDICTED_KINDS = ("conv", "linear", "bias")  # one KNOWN each; every other tensor kind is copied from Θ0
 
 
@@ -93,7 +94,7 @@ def prepare(inputs: InputMode, w: torch.Tensor, rms: torch.Tensor | None = None
 
 
 class KNOWN(nn.Module):
-    def __init__(self, n_stages: int = S, inputs: InputMode = "scaled"):
+    def __init__(self, n_stages: int = S, inputs: InputMode = DEFAULT_INPUTS):
         super().__init__()
         if inputs not in INPUT_MODES:
             raise ValueError(f"unknown KNOWN input mode {inputs!r}; known: {list(INPUT_MODES)}")

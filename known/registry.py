@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from known import KnownError, baselines
-from known.model import KNOWN, PREDICTED_KINDS, InputMode
+from known.model import DEFAULT_INPUTS, KNOWN, PREDICTED_KINDS, InputMode
 from known.serving import WINDOW_COLUMNS, load_dir, predict_windows, save_dir  # noqa: F401 (also as registry.*:
 # the callers, and the versions registered before known.serving, whose pyfunc calls registry.load_dir)
 from meta.errors import OblivionError
@@ -240,7 +240,7 @@ def protocol_of(rows: list[dict]) -> dict:
     return out
 
 
-def fresh(seed: int = 0, inputs: InputMode = "scaled") -> dict[str, KNOWN]:
+def fresh(seed: int = 0, inputs: InputMode = DEFAULT_INPUTS) -> dict[str, KNOWN]:
     """Three newly initialised KNOWNs, reproducibly."""
     torch.manual_seed(seed)
     return {kind: KNOWN(inputs=inputs) for kind in PREDICTED_KINDS}

@@ -36,7 +36,7 @@ from known import registry
 from known.batches import SHUFFLE_ROWS, split, to_rows, training_rows
 from known.checkpoint import RANK, best_checkpoint
 from known.loop import TrainConfig, train_loop
-from known.model import INPUT_MODES
+from known.model import DEFAULT_INPUTS, INPUT_MODES
 from known.objective import METRIC, validation_metrics
 from known.training_run import log_lineage, start_run
 from meta import catalog, cli, readers, storage, tracking, verify
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "sweeps (size curves; the validation sweeps stay the same)")
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_ROWS, help="rows in each worker's shuffle buffer "
                    "(``shuffled``), which mixes the blocks of --sweeps-per-block sweeps")
-    p.add_argument("--inputs", choices=INPUT_MODES, default="rms", help="KNOWN's input mode (known.model): raw "
+    p.add_argument("--inputs", choices=INPUT_MODES, default=DEFAULT_INPUTS, help="KNOWN's input mode (known.model): raw "
                    "values (the paper), scaled (centred, divided by the path length) or rms (divided by the tensor's "
                    "RMS; the best on held-out sweeps, docs/known.md)")
     p.add_argument("--sweeps-per-block", type=int, default=16, help="sweeps whose windows are permuted together "

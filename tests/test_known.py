@@ -23,7 +23,7 @@ def test_known_has_the_papers_9425_parameters():
 
 def test_known_output_is_a_bounded_residual_on_the_most_data_value():
     torch.manual_seed(0)
-    raw, scaled, rms_model = KNOWN(inputs="raw"), KNOWN(), KNOWN(inputs="rms")
+    raw, scaled, rms_model = KNOWN(inputs="raw"), KNOWN(inputs="scaled"), KNOWN(inputs="rms")
     w = torch.randn(100, 5) * 10
     rms = torch.rand(100) + 0.1
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_rms_known_sees_magnitude_so_it_can_shrink_and_is_scale_equivariant():
 def test_scaled_known_is_affine_equivariant_and_still_on_weights_that_never_moved():
     """Scaled inputs: step(a·w + b) = a·step(w) + b, so a layer's scale does not change the prediction."""
     torch.manual_seed(0)
-    m = KNOWN()
+    m = KNOWN(inputs="scaled")
     for p in m.parameters():
         p.data.uniform_(-0.5, 0.5)
     w = torch.randn(64, 5, dtype=torch.float64)
@@ -274,7 +274,7 @@ def test_ship_writes_weights_then_provenance_and_load_finds_them(tmp_path, monke
     monkeypatch.setattr(registry, "SHIPPED", tmp_path)
     with pytest.raises(FileNotFoundError, match="PROVENANCE.json"):
         registry.load_predictor()
-    models = registry.fresh(4)
+    models = registry.fresh(4, "scaled")
     registry.save_dir(models, tmp_path)  # weights alone, no provenance: an unfinished ship, not loadable
     with pytest.raises(FileNotFoundError, match="PROVENANCE.json"):
         registry.load_predictor()
