@@ -241,7 +241,7 @@ def test_team_mlflow_server_on_postgres(tmp_path, fake_root, ray_local):
 
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("known-meta-training")
-        models = registry.fresh(5)
+        models = registry.fresh(5, "scaled")
         with mlflow.start_run():
             version, champion, _ = registry.publish(models, 0.9, {registry.VAL_DIGEST: "v"}, uri)
         assert champion

@@ -264,7 +264,7 @@ def test_restore_round_trips_and_refuses_another_input_mode(tmp_path):
     assert torch.equal(objective2.flat, objective.flat)  # the models' parameters are views of the trained one
     assert torch.equal(opt2.state[objective2.flat]["exp_avg"], opt.state[objective.flat]["exp_avg"])
     raw = {k: KNOWN(inputs="raw") for k in models}  # a checkpoint of the official (raw-input) kind
-    with pytest.raises(ValueError, match="inputs='scaled'"):
+    with pytest.raises(ValueError, match="inputs='rms'"):
         checkpoint.restore(raw, loss.optimizer(loss.Objective(raw), 1e-3), str(tmp_path))
 
 
