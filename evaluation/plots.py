@@ -47,11 +47,13 @@ def lr_curves(table: Sequence[Mapping], path: Path) -> Path:
     """Validation and test accuracy against the full-phase learning-rate factor, one line per initialisation,
     the selected factor marked: where each arm's optimum lies and whether the grid brackets it."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    for row in table:
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))  # a dozen arms: the default cycle repeats after ten
+    for i, row in enumerate(table):
         f = sorted(row["val"])
         for ax, split in zip(axes, ("val", "test")):
-            line, = ax.plot(f, [100 * row[split][x] for x in f], "o-", lw=1, ms=3, label=row["init"])
-            ax.plot([row["selected"]], [100 * row[split][row["selected"]]], "*", ms=11, color=line.get_color())
+            color = colors[i % 20]
+            ax.plot(f, [100 * row[split][x] for x in f], "o-", lw=1, ms=3, label=row["init"], color=color)
+            ax.plot([row["selected"]], [100 * row[split][row["selected"]]], "*", ms=11, color=color)
     for ax, split in zip(axes, ("validation (selects the rate)", "test (reported)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("full-phase learning rate × config's")

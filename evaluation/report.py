@@ -23,7 +23,7 @@ from meta import cli, storage
 from meta.errors import OblivionError
 from meta.tracking import existing_store
 
-PLOTS = ("accuracy.png", "forgetting_curve.png", "pca_plane.png")
+PLOTS = ("accuracy.png", "forgetting_curve.png", "pca_plane.png", "lr_grid.png")  # each where the run has it
 
 HEADER = """# Downstream results
 
