@@ -96,7 +96,7 @@ def _in_memory(ds, args, threads: int, max_batches: int = 120) -> dict:
     return {"rows_per_s": round(rows / seconds), "rows": rows, "seconds": round(seconds, 2)}
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[tuple[int, int]]]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shards", default="runs/demo", help="a collected meta-dataset (default: make demo's)")
     p.add_argument("--batch-size", type=int, default=8192)
@@ -119,6 +119,11 @@ def main() -> None:
         p.error(f"--configs takes WORKERSxTHREADS such as 2x1, got {args.configs}")
     if any(len(c) != 2 or min(c) < 1 for c in configs):
         p.error(f"--configs takes WORKERSxTHREADS, each >= 1, got {args.configs}")
+    return args, configs
+
+
+def main() -> None:
+    args, configs = parse_args()
     import ray
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

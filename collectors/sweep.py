@@ -212,13 +212,8 @@ def train_stages(
         opt = _stage_optimizer(optimizer, model, plan.lr, opt if protocol.carry_optimizer else None, path,
                                protocol.weight_decay)
         epochs = epochs if plan.follow else plan.epochs
-        sched = cosine_schedule(opt, epochs, len(idx), batch_size) if plan.cosine else None
-        if plan.plateau:
-            steps, tr_loss, tr_acc, epochs = _until_plateau(model, opt, train, idx, dataset, batch_size, epochs, gen,
-                                                            protocol.augment, path)
-        else:
-            steps, tr_loss, tr_acc = train_epochs(model, opt, train, idx, dataset, batch_size, epochs, gen, sched,
-                                                  augment=protocol.augment, path=path)
+        steps, tr_loss, tr_acc, epochs = _train_stage(model, opt, plan, epochs, train, idx, dataset, batch_size, gen,
+                                                      protocol.augment, path)
         te_loss, te_acc = evaluate(model, dataset, test, path=path)
         if not math.isfinite(te_loss):
             raise SweepDiverged(f"test loss became {te_loss} at stage {k}")
@@ -229,6 +224,17 @@ def train_stages(
         if on_stage:
             on_stage(m)
     return stages, snaps
+
+
+def _train_stage(model, opt, plan: StagePlan, epochs: int, train, idx, dataset, batch_size, gen, augment,
+                 path) -> tuple[int, float, float, int]:
+    """One stage's training, ``epochs`` long (cosine-decayed where the plan says) or until its loss plateaus;
+    (steps, loss, acc, epochs) of its last epoch."""
+    if plan.plateau:
+        return _until_plateau(model, opt, train, idx, dataset, batch_size, epochs, gen, augment, path)
+    sched = cosine_schedule(opt, epochs, len(idx), batch_size) if plan.cosine else None
+    steps, loss, acc = train_epochs(model, opt, train, idx, dataset, batch_size, epochs, gen, sched, augment=augment, path=path)
+    return steps, loss, acc, epochs
 
 
 def _until_plateau(model, opt, train, idx, dataset, batch_size, cap, gen, augment, path) -> tuple[int, float, float, int]:

@@ -77,6 +77,24 @@ def forgetting(curves: Mapping[int, Mapping[str, Sequence[float]]], path: Path) 
     return _save(fig, path)
 
 
+def _accuracy_grid(theta0, names, centre, basis, xy: np.ndarray, grid: int, accuracy_of):
+    """The plane's coordinates around the points ``xy`` (a quarter of their span beyond them) and the accuracy
+    of the weights at each grid point (``names`` on the plane, the rest at Θ0)."""
+    span = np.ptp(xy, axis=0).max() or 1.0
+    lo, hi = xy.min(0) - 0.25 * span, xy.max(0) + 0.25 * span
+    gx, gy = np.linspace(lo[0], hi[0], grid), np.linspace(lo[1], hi[1], grid)
+    acc = np.zeros((grid, grid))
+    sizes = [theta0[n].numel() for n in names]
+    for i, a in enumerate(gx):
+        for j, b in enumerate(gy):
+            vec = centre + a * basis[0] + b * basis[1]
+            state = {k: t.clone() for k, t in theta0.items()}
+            for n, part in zip(names, torch.split(vec, sizes)):
+                state[n] = part.reshape(theta0[n].shape).to(theta0[n].dtype)
+            acc[j, i] = accuracy_of(state)
+    return gx, gy, acc
+
+
 def pca_plane(stages: Sequence[Mapping[str, torch.Tensor]], predictions: Mapping[str, Mapping[str, torch.Tensor]],
               names: Sequence[str], accuracy_of: Callable[[dict[str, torch.Tensor]], float], path: Path,
               grid: int = 9) -> tuple[Path, dict[str, float]]:
@@ -99,19 +117,7 @@ def pca_plane(stages: Sequence[Mapping[str, torch.Tensor]], predictions: Mapping
         pts[name] = proj
         spread = (traj - centre).norm(dim=1).max()
         off[name] = float(((d - basis.T @ proj).norm() / d.norm()).item()) if d.norm() > 1e-6 * spread else 0.0
-    xy = torch.stack(list(pts.values())).numpy()
-    span = np.ptp(xy, axis=0).max() or 1.0
-    lo, hi = xy.min(0) - 0.25 * span, xy.max(0) + 0.25 * span
-    gx, gy = np.linspace(lo[0], hi[0], grid), np.linspace(lo[1], hi[1], grid)
-    acc = np.zeros((grid, grid))
-    sizes = [stages[0][n].numel() for n in names]
-    for i, a in enumerate(gx):
-        for j, b in enumerate(gy):
-            vec = centre + a * basis[0] + b * basis[1]
-            state = {k: t.clone() for k, t in stages[0].items()}
-            for n, part in zip(names, torch.split(vec, sizes)):
-                state[n] = part.reshape(stages[0][n].shape).to(stages[0][n].dtype)
-            acc[j, i] = accuracy_of(state)
+    gx, gy, acc = _accuracy_grid(stages[0], names, centre, basis, torch.stack(list(pts.values())).numpy(), grid, accuracy_of)
     fig, ax = plt.subplots(figsize=(6.5, 5))
     cs = ax.contourf(gx, gy, 100 * acc, levels=12, cmap="viridis")
     fig.colorbar(cs, ax=ax, label="source test accuracy (%)")

@@ -82,12 +82,17 @@ def summarize(results: list[dict], descs: dict, source_acc: dict) -> tuple[list[
             for phase in PHASES:
                 comparisons.append({"init": init, "method": desc["method"], "reference": ref, "phase": phase,
                                     **compare(init, ref, phase)})
+    holm_within_methods(comparisons, ("p", "p_pretrain") if several else ("p",))
+    return rows, comparisons
+
+
+def holm_within_methods(comparisons: list[dict], keys: tuple[str, ...]) -> None:
+    """``<key>_holm`` on every comparison: each ``key`` Holm-adjusted within the comparisons of its method."""
     for method in {c["method"] for c in comparisons}:
         family = [c for c in comparisons if c["method"] == method]
-        for key in ("p", "p_pretrain") if several else ("p",):
+        for key in keys:
             for c, adj in zip(family, stats.holm([c[key] for c in family])):
                 c[f"{key}_holm"] = adj
-    return rows, comparisons
 
 
 def oracle_gaps(results: list[dict], descs: dict) -> list[dict]:

@@ -239,6 +239,26 @@ def summary(stats: list[SweepStats], knowns: list[str], keep_unlearned: bool = F
     return out
 
 
+def norm_lines(main: dict, cols: list[str], knowns: list[str]) -> list[str]:
+    """The norm-versus-direction table of ``summary``'s numbers."""
+    lines = ["", "### Norm versus direction", "",
+             "Each kind's L2 norm from Θ0 to the last stage (the order the sweep trained them), and the relative L1 "
+             "with every window's stages rescaled to its newest input's per-tensor norms: the direction alone "
+             "(keep-newest = 1 again).", "",
+             "| protocol | kind | norm Θ0 → Θlast, mean [min, max] | sweeps whose norm grew at every stage | "
+             + " | ".join(f"{c}, direction" for c in cols) + " |",
+             "|" + "---|" * (4 + len(cols))]
+    for label, e in main.items():
+        for kind in KINDS:
+            if kind not in e or "norm_change" not in e[kind]:
+                continue
+            m = e[kind]
+            vals = " | ".join(_f(m[f"dir:{p}"]) for p in (*PREDICTORS, *knowns))
+            lines.append(f"| {label} | {kind} | {m['norm_change']:+.2%} [{m['norm_change_min']:+.2%}, {m['norm_change_max']:+.2%}] | "
+                         f"{m['norm_grows_every_stage']:.0%} | {vals} |")
+    return lines
+
+
 def render(stats: list[SweepStats], knowns: list[str], command: str, keep_unlearned: bool = False) -> str:
     """The markdown report: predictability per protocol and kind, forgetting, and the family × dataset grid."""
     from dataclasses import replace
@@ -259,21 +279,7 @@ def render(stats: list[SweepStats], knowns: list[str], command: str, keep_unlear
             beyond = " / ".join(f"{m[f'beyond_{x}']:.1%}" for x in ("raw", "scaled", "rms"))
             lines.append(f"| {label} | {kind} | {e['used']} ({e['unlearned']}) | {m['windows']:,} | {vals} | "
                          f"{_f(m['cosine'], 2)} | {beyond} |")
-    lines += ["", "### Norm versus direction", "",
-              "Each kind's L2 norm from Θ0 to the last stage (the order the sweep trained them), and the relative L1 "
-              "with every window's stages rescaled to its newest input's per-tensor norms: the direction alone "
-              "(keep-newest = 1 again).", "",
-              "| protocol | kind | norm Θ0 → Θlast, mean [min, max] | sweeps whose norm grew at every stage | "
-              + " | ".join(f"{c}, direction" for c in cols) + " |",
-              "|" + "---|" * (4 + len(cols))]
-    for label, e in main.items():
-        for kind in KINDS:
-            if kind not in e or "norm_change" not in e[kind]:
-                continue
-            m = e[kind]
-            vals = " | ".join(_f(m[f"dir:{p}"]) for p in (*PREDICTORS, *knowns))
-            lines.append(f"| {label} | {kind} | {m['norm_change']:+.2%} [{m['norm_change_min']:+.2%}, {m['norm_change_max']:+.2%}] | "
-                         f"{m['norm_grows_every_stage']:.0%} | {vals} |")
+    lines += norm_lines(main, cols, knowns)
     lines += ["", "### Does forgetting show? Source test accuracy and loss by stage (mean over learned sweeps)", "",
               "| protocol | test acc Θ0 → Θlast (by stage) | test loss Θ0 → Θlast | sweeps whose accuracy fell |", "|---|---|---|---|"]
     for label, e in main.items():

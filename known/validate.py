@@ -97,7 +97,7 @@ def summary_table(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(lines) + f"\n\n{len(rows)} windows from {len({r['sweep_id'] for r in rows})} sweeps."
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.Parser(prog="python -m known.validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_collection(p, "--shards", required=True, help="the collection: a folder or URI")
     p.add_argument("--methods", nargs="+", default=["taskvector", "linearfit"], choices=METHODS)
@@ -112,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help=f"dataset root (default ${data.ENV_ROOT})")
     p.add_argument("--unverified-cifar10", action="store_true")
     p.add_argument("--json", default=None, help="also write every window's numbers to this file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         if args.val_fraction is not None and not 0 < args.val_fraction < 1:
             raise KnownError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
