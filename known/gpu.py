@@ -20,6 +20,7 @@ from known.model import EXP_CEIL, EXP_FLOOR, LEAKY_SLOPE, KNOWN
 
 S, H, Q, O = 5, 64, 8, 32
 STREAM = H * S + H + Q * S + Q + 3 * (H * Q + H) + O * H + O  # one stream's share of the packed vector
+PACKED = 2 * STREAM + 2 * O + 1  # both streams and the head: the length the kernel reads
 
 
 @triton.jit
@@ -71,6 +72,14 @@ def _forward(w_ptr, x_ptr, out_ptr, n, floor, ceil, slope, STREAM_SIZE: tl.const
     tl.store(out_ptr + rows, y, mask=rows < n)
 
 
+def check_size(params: torch.Tensor) -> torch.Tensor:
+    """``params`` if it has the length the kernel's offsets read (``PACKED``; its layout and ``NativeKNOWN.pack``
+    agree), else ValueError: a mismatch would read other weights silently, not fail."""
+    if len(params) != PACKED:
+        raise ValueError(f"the Triton kernel reads {PACKED} parameters, this KNOWN packs {len(params)}")
+    return params
+
+
 def forward(params: torch.Tensor, x: torch.Tensor, block: int = 64, precision: str = "tf32x3") -> torch.Tensor:
     """KNOWN's output for network inputs ``x`` [n, S] on the GPU, parameters packed by ``NativeKNOWN.pack``; [n]."""
     x = x.float().contiguous()
@@ -87,7 +96,7 @@ class TritonKNOWN:
     def __init__(self, model: KNOWN):
         if model.n_stages != S:
             raise ValueError(f"the Triton kernel is built for {S} stages, this KNOWN reads {model.n_stages}")
-        self.params, self.prepare = NativeKNOWN.pack(model), model.prepare
+        self.params, self.prepare = check_size(NativeKNOWN.pack(model)), model.prepare
 
     def to(self, device) -> TritonKNOWN:
         self.params = self.params.to(device)

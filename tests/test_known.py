@@ -644,3 +644,19 @@ def test_data_parallel_training_keeps_every_ranks_knowns_equal_and_validates_spl
     for r in (0, 1):  # every rank reports the metrics of both splits together
         got = json.loads((tmp_path / f"val{r}.json").read_text())
         assert got.keys() == whole.keys() and all(got[k] == pytest.approx(whole[k], rel=1e-9) for k in whole)
+
+
+def test_both_kernels_check_the_one_parameter_packing():
+    """NativeKNOWN.pack is the one layout: the C++ kernel and the Triton kernel each refuse another length."""
+    from known import native
+    from known.fast import NativeKNOWN
+
+    packed = NativeKNOWN.pack(KNOWN())
+    gpu = pytest.importorskip("known.gpu")  # needs Triton (imports without a GPU)
+    assert len(gpu.check_size(packed)) == gpu.PACKED
+    with pytest.raises(ValueError, match=f"reads {gpu.PACKED} parameters, this KNOWN packs {gpu.PACKED - 1}"):
+        gpu.check_size(packed[:-1])
+    if native.library() is not None:
+        assert len(native.check_size(packed, unfolded=False)) == len(packed)
+        with pytest.raises(ValueError, match="parameters, this KNOWN packs"):
+            native.check_size(packed[:-1], unfolded=False)
