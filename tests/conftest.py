@@ -66,3 +66,10 @@ def real_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     subprocess.run([str(extract), str(root)], check=True, capture_output=True, timeout=300)
     return root
+
+
+def inject(monkeypatch, tmp_path, *faults: str) -> None:
+    """Arm collectors.chaos for the sweeps' workers: each fault is ``<sweep id>@<stage|write>[=hang]``."""
+    from collectors import chaos
+
+    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{','.join(faults)}")

@@ -12,7 +12,7 @@ import pytest
 from collectors import chaos
 from collectors.collect import collect as _collect
 from collectors.config import sample_specs
-from conftest import REPO, tiny_config
+from conftest import REPO, inject, tiny_config
 from meta import catalog, readers
 
 pytestmark = pytest.mark.ray
@@ -103,7 +103,7 @@ def test_a_killed_worker_costs_only_a_retry(ray_local, settings, tmp_path, monke
     cfg = tiny_config(workers__shard_max_seconds=3600)  # sweeps stay unpublished on their worker until the end
     specs = sample_specs(cfg)
     victim = specs[1].sweep_id
-    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@2")
+    inject(monkeypatch, tmp_path, f"{victim}@2")
     s = collect(cfg, str(out), settings, num_workers=2)
     assert (tmp_path / "chaos" / f"{victim}@2.fired").exists()  # the worker really died
     assert (s.done, s.failed) == (4, 0)
@@ -118,7 +118,7 @@ def test_a_failed_shard_write_loses_nothing(ray_local, settings, tmp_path, monke
     cfg = tiny_config(workers__shard_max_seconds=3600)
     specs = sample_specs(cfg)
     victim = specs[2].sweep_id
-    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@write")
+    inject(monkeypatch, tmp_path, f"{victim}@write")
     s = collect(cfg, str(out), settings, num_workers=1)
     assert (tmp_path / "chaos" / f"{victim}@write.fired").exists()
     assert (s.done, s.failed) == (4, 0)
@@ -132,7 +132,7 @@ def test_retries_are_bounded_then_the_sweep_is_recorded_failed(ray_local, settin
     cfg = tiny_config(num_sweeps=2, workers__max_retries=1)
     specs = sample_specs(cfg)
     victim = specs[0].sweep_id
-    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@0,{victim}@1")  # dies on both attempts
+    inject(monkeypatch, tmp_path, f"{victim}@0", f"{victim}@1")  # dies on both attempts
     s = collect(cfg, str(out), settings, num_workers=1)
     assert (s.done, s.failed) == (1, 1)
     row = {r["sweep_id"]: r for r in catalog.read(str(out))}[victim]

@@ -9,10 +9,9 @@ import time
 
 import pytest
 
-from collectors import chaos
 from collectors.collect import collect
 from collectors.config import sample_specs
-from conftest import tiny_config
+from conftest import inject, tiny_config
 from meta import catalog, readers
 from meta.shards import ShardError, iter_shard
 from test_collect import assert_consistent
@@ -47,7 +46,7 @@ def test_killed_worker_process_on_a_multinode_cluster(cluster, settings, tmp_pat
     cfg = tiny_config(num_sweeps=6)
     specs = sample_specs(cfg)
     victim = specs[2].sweep_id
-    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{victim}@1")
+    inject(monkeypatch, tmp_path, f"{victim}@1")
     s = collect(specs, str(out), settings, cfg.workers, 2, False)
     assert (tmp_path / "chaos" / f"{victim}@1.fired").exists()
     assert (s.done, s.failed) == (6, 0)
@@ -59,7 +58,7 @@ def test_killed_worker_process_on_a_multinode_cluster(cluster, settings, tmp_pat
 def stall_in_collection(specs, out, settings, workers, tmp_path, monkeypatch, timeout: float):
     """Start ``collect`` (2 workers) in a thread with sweep ``specs[1]`` stalled at stage 1; wait until it
     stalls and return (driver thread, its result dict, the id of the node the stalled worker runs on)."""
-    monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{specs[1].sweep_id}@1=hang")
+    inject(monkeypatch, tmp_path, f"{specs[1].sweep_id}@1=hang")
     result = {}
     driver = threading.Thread(target=lambda: result.update(s=collect(specs, str(out), settings, workers, 2, False)))
     driver.start()
