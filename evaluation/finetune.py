@@ -62,8 +62,8 @@ def load_backbone(model: nn.Module, init: dict[str, torch.Tensor]) -> None:
     model.load_state_dict({**own, **keep})
 
 
-def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters(recurse=False)]
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _prepare(model: nn.Module, init: dict[str, torch.Tensor] | None, task: Downstream, train: data.Split) -> None:
@@ -74,9 +74,8 @@ def _prepare(model: nn.Module, init: dict[str, torch.Tensor] | None, task: Downs
     if task.bn == "reestimate":
         reestimate_bn(model, task.dataset, train.x)
     elif task.bn == "reset":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
+        for m in batchnorms(model):
+            m.reset_running_stats()
 
 
 def _phase(model: nn.Module, params, lr: float, epochs: int, train: data.Split, task: Downstream, gen: torch.Generator,
@@ -123,7 +122,9 @@ def finetune(init: dict[str, torch.Tensor] | None, family: str, arch: dict, task
     _prepare(model, init, task, train)
     head, gen = head_of(model), torch.Generator().manual_seed(seed)
     curve: dict[str, list[float]] = {k: [] for k in ("head_train_loss", "head_train_acc", "full_train_loss", "full_train_acc")}
-    first = list(head.parameters()) + (bn_parameters(model) if task.head_trains_bn else [])
+    first = list(head.parameters())
+    if task.head_trains_bn:  # the released scripts' first phase trains BatchNorm with the head
+        first += [p for m in batchnorms(model) for p in m.parameters()]
     _phase(model, first, task.head_lr, task.head_epochs, train, task, gen, path, True, curve)
     acc_head = evaluate(model, task.dataset, test, path=path)[1]
     if tuning is None:

@@ -140,7 +140,7 @@ def select_rates(results: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def tuning_markdown(table: list[dict]) -> list[str]:
     factors = sorted(table[0]["val"])
-    lines = ["", "Learning-rate selection (full phase): mean validation / test accuracy at full_lr × each factor; "
+    lines = ["Learning-rate selection (full phase): mean validation / test accuracy at full_lr × each factor; "
              "the selected factor (best validation accuracy) is what every other table reports:", "",
              "| init | " + " | ".join(f"×{f:g} val / test" for f in factors) + " | selected |",
              "|---|" + "---|" * len(factors) + "---|"]
@@ -169,7 +169,7 @@ def markdown(name: str, rows, comparisons, gaps, decomposition, curves, wall, ve
     if protocol:
         lines += ["Protocol: " + ", ".join(f"{k} {v}" for k, v in protocol.items()), ""]
     if tuning:
-        lines += tuning_markdown(tuning)[1:] + [""]
+        lines += tuning_markdown(tuning) + [""]
     lines += ["| init | ×data | source acc (BN re-est.) | head-only acc | Δ vs naive [95% CI] | full FT acc | Δ vs naive [95% CI] |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:

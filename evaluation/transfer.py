@@ -107,7 +107,7 @@ def check(args: argparse.Namespace):
     return cfg, settings, models, reused
 
 
-def open_parent(client, exp_id: str, args: argparse.Namespace, cfg: TransferConfig):
+def open_parent(client, exp_id: str, args: argparse.Namespace, cfg: TransferConfig, protocol: dict | None):
     """(the parent run, resumed or not): the latest unfinished run of this exact config, else a new one with
     the config and its parameters logged."""
     import mlflow
@@ -126,7 +126,7 @@ def open_parent(client, exp_id: str, args: argparse.Namespace, cfg: TransferConf
                        "seeds": cfg.downstream.seeds, "pretrain_seeds": ",".join(map(str, cfg.pretrain_seeds)),
                        "source": f"{src.dataset}{src.classes}" if src else f"catalog:{cfg.from_catalog.sweep_id}",
                        "oracles": ",".join(map(str, src.oracles)) if src else "",
-                       **{f"protocol.{k}": v for k, v in (protocol_check(cfg)[0] or {}).items()}})
+                       **{f"protocol.{k}": v for k, v in (protocol or {}).items()}})
     return run, False
 
 
@@ -138,7 +138,8 @@ def add_walls(cfg: TransferConfig, wall: dict, results: list[dict], finetune_s: 
         wall["know_extra_over_naive"] = (wall["sweep_s"] + know) / max(wall["pretrain_s"], 1e-9)
 
 
-def experiment(cfg, args, client, exp_id: str, pid: str, resume: bool, models: dict, settings, reused) -> int:
+def experiment(cfg, args, client, exp_id: str, pid: str, resume: bool, models: dict, settings, reused,
+               protocol: tuple[dict | None, str | None]) -> int:
     """The experiment under its parent run ``pid``: trajectories, initialisations, fine-tunes, summary."""
     import mlflow
 
@@ -160,7 +161,7 @@ def experiment(cfg, args, client, exp_id: str, pid: str, resume: bool, models: d
         return 1
     results = [*done.values(), *new]
     add_walls(cfg, extras.wall, results, time.perf_counter() - t0)
-    extras.protocol, extras.protocol_note = protocol_check(cfg)
+    extras.protocol, extras.protocol_note = protocol
     extras.first_states = {k: i.state for k, i in first.items()}
     print(write_artifacts(cfg, results, descs, trajs, extras, settings))
     return 0
@@ -185,9 +186,10 @@ def main(argv=None) -> int:
         ray.init()
     client = mlflow.MlflowClient(uri)
     exp_id = client.get_experiment_by_name(args.experiment).experiment_id
-    run, resume = open_parent(client, exp_id, args, cfg)
+    protocol = protocol_check(cfg)  # the evaluation sweep's protocol, and how it compares with the KNOWN's
+    run, resume = open_parent(client, exp_id, args, cfg, protocol[0])
     with run as parent:
-        status = experiment(cfg, args, client, exp_id, parent.info.run_id, resume, models, settings, reused)
+        status = experiment(cfg, args, client, exp_id, parent.info.run_id, resume, models, settings, reused, protocol)
     if status == 0:
         print(f"MLflow run {parent.info.run_id} in experiment {args.experiment!r} at {uri}; "
               f"`mlflow ui --backend-store-uri {uri}` to browse it")

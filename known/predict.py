@@ -9,6 +9,7 @@ bounded chunks: one batched call per chunk instead of a loop over layers.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import sys
 import zipfile
@@ -118,6 +119,7 @@ def choose(device: str, dtype: torch.dtype | None, n_stages: int, native_availab
     return FastKNOWN
 
 
+@functools.cache  # asked on every training step on CUDA: a failed import is not cached by Python
 def _triton_available() -> bool:
     try:
         import known.gpu  # noqa: F401
