@@ -42,3 +42,22 @@ def predict(method: str, w: torch.Tensor) -> torch.Tensor:
     """The next value of every row of ``w`` [N, S] under ``method``."""
     c = torch.tensor(coefficients(method, w.shape[1]), dtype=w.dtype, device=w.device)
     return w @ c
+
+
+class Baseline:
+    """A baseline as a KNOW step (``known.predict.Stepper``), so callers step every method the same way."""
+
+    CHUNK = 1 << 22  # one matmul per 4M rows: chunking only bounds memory, the result does not depend on it
+
+    def __init__(self, method: str):
+        coefficients(method, 2)  # an unknown method fails here, naming it
+        self.method = method
+
+    def to(self, device) -> Baseline:
+        return self
+
+    def step(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int, threads: int = 1) -> torch.Tensor:
+        """The next value of every row of ``w`` [N, S] (``rms``, ``threads``: unused, a fit reads the window alone)."""
+        if len(w) <= chunk:
+            return predict(self.method, w)
+        return torch.cat([predict(self.method, w[i : i + chunk]) for i in range(0, len(w), chunk)])

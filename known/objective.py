@@ -10,27 +10,28 @@ from torch import nn
 from known import baselines, native, predict, registry
 from known.fast import NativeKNOWN
 from known.model import PREDICTED_KINDS
+from known.relative_l1 import STEP, PooledL1
 from known.windows import KIND_IDS
 
 METRIC = registry.METRIC
 
 
-class ErrorSums:
-    """Running Σ|error| per kind and method on validation windows, relative to Σ|Θk+1 − Θk| ("step")."""
+class ErrorSums(PooledL1):
+    """The pooled relative L1 (``known.relative_l1``) of KNOWN and two baselines per kind on validation windows."""
 
     METHODS = ("known", "taskvector", "linearfit")
 
     def __init__(self):
-        self.sums = {(k, m): 0.0 for k in PREDICTED_KINDS for m in (*self.METHODS, "step")}
+        super().__init__((k, m) for k in PREDICTED_KINDS for m in (*self.METHODS, STEP))
 
-    def add(self, kind: str, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
+    def add_windows(self, kind: str, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
         """Add one kind's validation windows ``x`` with targets ``y`` and KNOWN's predictions ``pred``."""
-        self.sums[(kind, "known")] += (pred - y).abs().sum().item()
-        self.sums[(kind, "taskvector")] += (baselines.predict("taskvector", x) - y).abs().sum().item()
-        self.sums[(kind, "linearfit")] += (baselines.predict("linearfit", x) - y).abs().sum().item()
-        self.sums[(kind, "step")] += (x[:, -1] - y).abs().sum().item()
+        self.add(kind, "known", pred, y)
+        for m in ("taskvector", "linearfit"):
+            self.add(kind, m, baselines.predict(m, x), y)
+        self.add(kind, STEP, x[:, -1], y)
 
-    def merged(self, device) -> "ErrorSums":
+    def merged(self, device) -> ErrorSums:
         """These sums added over the process group's ranks, each of which validated its own split of the windows
         (``Ingest``); the tensor lives on ``device`` (NCCL reduces CUDA tensors only)."""
         import torch.distributed as dist
@@ -44,12 +45,9 @@ class ErrorSums:
     def metrics(self) -> dict[str, float]:
         out = {}
         for m in self.METHODS:
-            num = sum(self.sums[(k, m)] for k in PREDICTED_KINDS)
-            den = sum(self.sums[(k, "step")] for k in PREDICTED_KINDS)
-            out[f"val_rel_l1_{m}"] = num / den if den else float("nan")
+            out[f"val_rel_l1_{m}"] = self.ratio(m, PREDICTED_KINDS)
             for k in PREDICTED_KINDS:
-                d = self.sums[(k, "step")]
-                out[f"val_rel_l1_{m}_{k}"] = self.sums[(k, m)] / d if d else float("nan")
+                out[f"val_rel_l1_{m}_{k}"] = self.ratio(m, [k])
         out[METRIC] = out["val_rel_l1_known"]
         return out
 
@@ -68,7 +66,7 @@ def validation_metrics(models: dict, batches, across_ranks: bool = False) -> dic
                 if k not in layouts:  # built once per call (meta-v2's validation windows: 2.3 s through
                     layouts[k] = predict.stepper(model, x)  # KNOWN.step, 0.7 s through the native kernel)
                 layout, chunk = layouts[k]
-                errors.add(k, x[mask], y[mask], layout.step(x[mask], rms[mask], chunk))
+                errors.add_windows(k, x[mask], y[mask], layout.step(x[mask], rms[mask], chunk))
     if across_ranks:
         errors.merged(next(next(iter(models.values())).parameters()).device)
     return errors.metrics()

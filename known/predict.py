@@ -15,6 +15,7 @@ import sys
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import safetensors.torch
 import torch
@@ -33,6 +34,19 @@ METHODS = ("known", "known-official", *baselines.METHODS)
 
 class PredictError(KnownError):
     """Stages that cannot be retrodicted; the message names the stage and tensor."""
+
+
+class Stepper(Protocol):
+    """One KNOW step over many windows: every implementation of KNOWN (``choose``) and every baseline
+    (``baselines.Baseline``) is one, and ``stepper`` hands out the one that runs."""
+
+    CHUNK: int  # rows per call by default on the CPU
+
+    def to(self, device) -> Stepper: ...
+
+    def step(self, w: torch.Tensor, rms: torch.Tensor | None, chunk: int, threads: int = 1) -> torch.Tensor:
+        """The next value (one stage more data) of every row of ``w`` [N, S] (least data first); ``rms``: each row's
+        tensor's RMS at the newest stage where the model reads it; ``chunk`` rows at a time on ``threads``."""
 
 
 def infer_kinds(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -80,19 +94,20 @@ def _step(window: torch.Tensor, method: str, model: KNOWN | None, chunk: int | N
           threads: int | None = None) -> torch.Tensor:
     """Next value of every row of ``window`` [N, S] (least data first); ``sizes``: the tensors laid end to end in it.
     ``threads``: chunks in parallel (default: torch's intra-op threads on CPU, 1 on CUDA); ``chunk`` None: the
-    layout's default (``layout`` picks it)."""
-    if method in baselines.METHODS:
-        return baselines.predict(method, window)
-    rms = segment_rms(window[:, -1], sizes) if model.inputs == "rms" else None
+    stepper's default."""
+    step, default = stepper(method if method in baselines.METHODS else model, window)
+    rms = segment_rms(window[:, -1], sizes) if model is not None and model.inputs == "rms" else None
     if threads is None:
         threads = 1 if window.is_cuda else torch.get_num_threads()
-    fast, default = stepper(model, window)
-    return fast.step(window, rms, chunk or default, threads)
+    return step.step(window, rms, chunk or default, threads)
 
 
-def stepper(model: KNOWN, window: torch.Tensor):
-    """KNOW prediction's step for windows like ``window``: (``layout``'s choice built for ``model`` on their
-    device, its default chunk), for prediction and for meta-training's validation."""
+def stepper(model: KNOWN | str, window: torch.Tensor) -> tuple[Stepper, int]:
+    """The step that runs for windows like ``window`` and its default chunk: a baseline's for a baseline's name,
+    else ``layout``'s choice built for ``model`` on their device. Prediction, meta-training's validation and the
+    predictability report all ask here."""
+    if isinstance(model, str):
+        return baselines.Baseline(model), baselines.Baseline.CHUNK
     chosen = layout(window, model)
     return chosen(model).to(window.device), default_chunk(chosen, window)
 
@@ -109,14 +124,18 @@ def choose(device: str, dtype: torch.dtype | None, n_stages: int, native_availab
     Each implements ``step(w, rms, chunk, threads)`` and is tested against ``KNOWN.step``, the reference (which
     the registered pyfunc runs: it must load without this repository's kernels). ``dtype`` None: the windows
     and the model disagree."""
-    exact = dtype == torch.float32 and n_stages == S
-    if device == "cpu" and exact and native_available:
+    if device == "cpu" and _exact(dtype, n_stages) and native_available:
         return NativeKNOWN
-    if device == "cuda" and exact and triton_available:
+    if device == "cuda" and _exact(dtype, n_stages) and triton_available:
         from known.gpu import TritonKNOWN
 
         return TritonKNOWN
     return FastKNOWN
+
+
+def _exact(dtype: torch.dtype | None, n_stages: int) -> bool:
+    """What the kernels are built for: float32 windows of five stages."""
+    return dtype == torch.float32 and n_stages == S
 
 
 @functools.cache  # asked on every training step on CUDA: a failed import is not cached by Python
@@ -131,10 +150,11 @@ def _triton_available() -> bool:
 def layout(window: torch.Tensor, model: KNOWN):
     """``choose`` for these windows and this model (the kernel is built on first use where it can be)."""
     same = all(p.device == window.device and p.dtype == window.dtype for p in model.parameters())
-    device = window.device.type
-    return choose(device, window.dtype if same else None, model.n_stages,
-                  native_available=device == "cpu" and native.library() is not None,
-                  triton_available=device == "cuda" and _triton_available())
+    device, dtype = window.device.type, window.dtype if same else None
+    kernel = _exact(dtype, model.n_stages)  # the kernels are built (a compile, once) only where one could run
+    return choose(device, dtype, model.n_stages,
+                  native_available=device == "cpu" and kernel and native.library() is not None,
+                  triton_available=device == "cuda" and kernel and _triton_available())
 
 
 def default_chunk(chosen, window: torch.Tensor) -> int:

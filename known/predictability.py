@@ -36,6 +36,7 @@ import torch
 
 from known import KnownError, predict
 from known.predict import PREDICTED_KINDS as KINDS
+from known.relative_l1 import STEP, PooledL1
 from meta import catalog, cli, readers, storage, verify
 from meta.errors import OblivionError
 from meta.shards import Sample
@@ -43,6 +44,7 @@ from meta.shards import Sample
 log = logging.getLogger(__name__)
 PREDICTORS = ("taskvector", "linearfit", "oracle-Δ", "oracle")
 TINY = 1e-12
+RECORDED, DIRECTION = "recorded", "direction"  # the trajectory as recorded; each window rescaled to its newest norms
 
 
 class PredictabilityError(KnownError):
@@ -54,19 +56,20 @@ class KindStats:
     """Error sums of one kind of one sweep (ratios are taken after pooling sweeps)."""
 
     n: int = 0
-    step: float = 0.0  # Σ|Θk+1 − Θk|: keep-newest's error, the denominator
-    errors: dict[str, float] = field(default_factory=dict)  # predictor -> Σ|Θ̂k − Θk|; "dir:<predictor>": direction alone
-    dir_step: float = 0.0  # keep-newest's error on the norm-rescaled windows
+    l1: PooledL1 = field(default_factory=PooledL1)  # groups RECORDED and DIRECTION (the norm-rescaled windows)
     beyond: dict[str, float] = field(default_factory=dict)  # input mode -> targets beyond ±1 (count)
     cosine: float = float("nan")  # mean cosine between successive stage updates
 
     def add(self, other: KindStats) -> None:
         self.n += other.n
-        self.step += other.step
-        self.dir_step += other.dir_step
-        for d, o in ((self.errors, other.errors), (self.beyond, other.beyond)):
-            for k, v in o.items():
-                d[k] = d.get(k, 0.0) + v
+        self.l1.update(other.l1)
+        for k, v in other.beyond.items():
+            self.beyond[k] = self.beyond.get(k, 0.0) + v
+
+    def ratio(self, predictor: str) -> float:
+        """Pooled relative L1 of ``predictor``; "dir:<predictor>": on the direction alone."""
+        direction = predictor.startswith("dir:")
+        return self.l1.ratio(predictor.removeprefix("dir:"), [DIRECTION if direction else RECORDED])
 
 
 @dataclass
@@ -94,14 +97,14 @@ def _l1_fit(feats: torch.Tensor, target: torch.Tensor, iters: int = 30) -> torch
     return beta
 
 
-def _oracle_errors(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Σ|error| of the two oracles fitted in sample (float64)."""
+def _oracle_predictions(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two oracles' predictions, fitted in sample (float64)."""
     newest = x[:, -1]
     d = x[:, 1:] - x[:, :-1]
     out = {}
     for name, feats, base in (("oracle-Δ", d, newest), ("oracle", x, torch.zeros_like(newest))):
         beta = _l1_fit(feats, y - base)
-        out[name] = (base + (feats @ beta)[:, 0] - y).abs().sum().item()
+        out[name] = base + (feats @ beta)[:, 0]
     return out
 
 
@@ -112,18 +115,20 @@ def _successive_cosine(traj: np.ndarray) -> float:
     return cos.mean().item()
 
 
-def _errors(windows, knowns: dict) -> tuple[float, dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """keep-newest's Σ|error| and every predictor's on ``windows`` (``known.windows.Windows``), and x, y, rms."""
-    from known import baselines
-
+def _add_errors(l1: PooledL1, group: str, windows, knowns: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every predictor's and keep-newest's error on ``windows`` (``known.windows.Windows``) into ``l1``; x, y, rms."""
     x, y, rms = (torch.from_numpy(a).double() for a in (windows.x, windows.y, windows.rms))
-    errors = {m: (baselines.predict(m, x) - y).abs().sum().item() for m in ("taskvector", "linearfit")}
-    errors |= _oracle_errors(x, y)
+    l1.add(group, STEP, x[:, -1], y)
+    for name in ("taskvector", "linearfit"):
+        step, chunk = predict.stepper(name, x)
+        l1.add(group, name, step.step(x, None, chunk), y)
+    for name, pred in _oracle_predictions(x, y).items():
+        l1.add(group, name, pred, y)
     with torch.inference_mode():
         for label, model in knowns.items():
             step, chunk = predict.stepper(model, x.float())
-            errors[label] = (step.step(x.float(), rms.float(), chunk).double() - y).abs().sum().item()
-    return (y - x[:, -1]).abs().sum().item(), errors, x, y, rms
+            l1.add(group, label, step.step(x.float(), rms.float(), chunk).double(), y)
+    return x, y, rms
 
 
 def kind_stats(windows, traj: np.ndarray, knowns: dict, direction=None) -> KindStats:
@@ -131,11 +136,11 @@ def kind_stats(windows, traj: np.ndarray, knowns: dict, direction=None) -> KindS
     trajectory as recorded and norm-rescaled)."""
     from known.model import INPUT_MODES, prepare
 
-    step, errors, x, y, rms = _errors(windows, knowns)
-    st = KindStats(n=len(y), step=step, errors=errors, cosine=_successive_cosine(traj))
+    st = KindStats(cosine=_successive_cosine(traj))
+    x, y, rms = _add_errors(st.l1, RECORDED, windows, knowns)
+    st.n = len(y)
     if direction is not None:
-        st.dir_step, dir_errors = _errors(direction, knowns)[:2]
-        st.errors |= {f"dir:{k}": v for k, v in dir_errors.items()}
+        _add_errors(st.l1, DIRECTION, direction, knowns)
     gap = (y - x[:, -1]).abs()
     st.beyond = {mode: (gap / prepare(mode, x, rms)[2] > 1).sum().item() for mode in INPUT_MODES}
     return st
@@ -184,11 +189,6 @@ def pooled(stats: list[SweepStats], kinds=KINDS) -> KindStats:
     return total
 
 
-def _ratio(st: KindStats, predictor: str) -> float:
-    step = st.dir_step if predictor.startswith("dir:") else st.step
-    return st.errors.get(predictor, float("nan")) / step if step else float("nan")
-
-
 def norm_growth(used: list[SweepStats], kind: str) -> dict[str, float]:
     """How a kind's norm moves along the sweeps (Θ0 → Θlast, the order they were trained in): the mean, least
     and largest relative change, and the fraction of sweeps whose norm grew at every stage."""
@@ -223,8 +223,8 @@ def summary(stats: list[SweepStats], knowns: list[str], keep_unlearned: bool = F
             st = pooled(used, KINDS if kind == "all" else (kind,))
             if not st.n:
                 continue
-            entry[kind] = {p: _ratio(st, p) for p in (*PREDICTORS, *knowns)}
-            entry[kind] |= {f"dir:{p}": _ratio(st, f"dir:{p}") for p in (*PREDICTORS, *knowns)}
+            entry[kind] = {p: st.ratio(p) for p in (*PREDICTORS, *knowns)}
+            entry[kind] |= {f"dir:{p}": st.ratio(f"dir:{p}") for p in (*PREDICTORS, *knowns)}
             if kind != "all":
                 entry[kind] |= norm_growth(used, kind)
             entry[kind] |= {f"beyond_{m}": v / st.n for m, v in st.beyond.items()}

@@ -1,7 +1,7 @@
 """Validation that means something: predict a recorded stage from the five after it and compare.
 
 For every selected sweep and window k (inputs Θk+1 … Θk+5, target Θk), each method predicts Θ̂k. We report
-(a) the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over the predicted tensors (1.0 = no better than
+(a) the relative L1 error Σ|Θ̂k − Θk| / Σ|Θk+1 − Θk| over the predicted tensors, pooled over windows (1.0 = no better than
 keeping the newest input), and (b) the test accuracy of Θ̂k on the sweep's own task, next to the accuracy of
 Θk+1 (what we started from) and of the true Θk (what we aimed at), under three BatchNorm policies:
 ``keep`` (running statistics of Θk+1), ``reestimate`` (recomputed on source training images) and ``reset``
@@ -25,13 +25,15 @@ from collectors import data, zoo
 from collectors.config import SweepSpec
 from collectors.sweep import evaluate, test_split
 from known import KnownError, registry
-from known.model import S
+from known.model import PREDICTED_KINDS, S
 from known.predict import METHODS, reestimate_bn, retrodict
+from known.relative_l1 import STEP, PooledL1
 from known.windows import is_validation, window_targets
 from meta import catalog, cli, readers, storage, verify
 from meta.errors import OblivionError
 
 BN_POLICIES = ("keep", "reestimate", "reset")
+ALL = "all"  # one group: every predicted tensor of the window
 
 
 def _reset_bn(model: nn.Module) -> None:
@@ -41,14 +43,13 @@ def _reset_bn(model: nn.Module) -> None:
             m.reset_parameters()
 
 
-def _rel_l1(pred: dict, target: dict, newest: dict, kinds: dict) -> float:
-    names = [n for n, k in kinds.items() if k in ("conv", "linear", "bias")]
-    num = sum((pred[n] - target[n]).abs().sum().item() for n in names)
-    den = sum((newest[n] - target[n]).abs().sum().item() for n in names)
-    return num / den if den else float("nan")
+def _flat(state: dict, names: list[str]) -> torch.Tensor:
+    return torch.cat([state[n].reshape(-1).double() for n in names])
 
 
-def validate_sweep(sample, methods: dict, settings: data.DataSettings, n_bn: int = 2000) -> list[dict]:
+def validate_sweep(sample, methods: dict, settings: data.DataSettings, pooled: PooledL1, n_bn: int = 2000) -> list[dict]:
+    """One row per window of the sweep (each method's relative L1 on it and accuracies under each BN policy);
+    every error is also added to ``pooled``, which the summary reads."""
     spec = SweepSpec.model_validate(sample.record.spec)
     info = data.DATASETS[spec.dataset]
     torch.manual_seed(0)
@@ -66,23 +67,28 @@ def validate_sweep(sample, methods: dict, settings: data.DataSettings, n_bn: int
             _reset_bn(model)
         return evaluate(model, spec.dataset, test)[1]
 
+    names = [n for n, k in kinds.items() if k in PREDICTED_KINDS]
     rows = []
     for k in window_targets(spec.n_stages):
         window = stages[k + 1 : k + 1 + S]  # Θk+1 (most data) … Θk+5
+        l1, target = PooledL1(), _flat(stages[k], names)
+        l1.add(ALL, STEP, _flat(window[0], names), target)
         row = {"sweep_id": sample.key, "family": spec.family, "dataset": spec.dataset, "target_stage": k,
                "acc_newest": acc(window[0]), "acc_true": acc(stages[k]),
                "acc_newest_reestimate": acc(window[0], "reestimate")}
         for name, models in methods.items():
             pred = retrodict(window, steps=1, method=name, models=models, kinds=kinds)[0]
-            row[f"rel_l1_{name}"] = _rel_l1(pred, stages[k], window[0], kinds)
+            l1.add(ALL, name, _flat(pred, names), target)
+            row[f"rel_l1_{name}"] = l1.ratio(name, [ALL])
             for bn in BN_POLICIES:
                 row[f"acc_{name}_{bn}"] = acc(pred, bn)
+        pooled.update(l1)
         rows.append(row)
     return rows
 
 
-def summary_table(rows: list[dict], methods: list[str]) -> str:
-    """Markdown: one line per method, means over all windows."""
+def summary_table(rows: list[dict], methods: list[str], pooled: PooledL1) -> str:
+    """Markdown: one line per method; the relative L1 pooled over all windows, accuracies their means."""
     def mean(key):
         vals = [r[key] for r in rows if key in r]
         return statistics.fmean(vals) if vals else float("nan")
@@ -92,7 +98,7 @@ def summary_table(rows: list[dict], methods: list[str]) -> str:
              f"| Θk+1 (input, newest) | 1 | {mean('acc_newest'):.4f} | {mean('acc_newest_reestimate'):.4f} | — |",
              f"| Θk (true target) | 0 | {mean('acc_true'):.4f} | — | — |"]
     for m in methods:
-        lines.append(f"| {m} | {mean(f'rel_l1_{m}'):.4f} | {mean(f'acc_{m}_keep'):.4f} | "
+        lines.append(f"| {m} | {pooled.ratio(m, [ALL]):.4f} | {mean(f'acc_{m}_keep'):.4f} | "
                      f"{mean(f'acc_{m}_reestimate'):.4f} | {mean(f'acc_{m}_reset'):.4f} |")
     return "\n".join(lines) + f"\n\n{len(rows)} windows from {len({r['sweep_id'] for r in rows})} sweeps."
 
@@ -138,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         return ((args.val_fraction is None or is_validation(row["sweep_id"], args.val_fraction))
                 and (args.families is None or row["family"] in args.families))
 
-    rows = []
+    rows, pooled = [], PooledL1()
     try:
         for i, sample in enumerate(readers.iter_sweeps(args.collection, where=where)):
             if args.max_sweeps is not None and i >= args.max_sweeps:
                 break
-            rows += validate_sweep(sample, methods, settings)
+            rows += validate_sweep(sample, methods, settings, pooled)
             print(f"validated {sample.key} ({sample.record.family}, {sample.record.dataset})",
                   file=sys.stderr, flush=True)
     except OblivionError as e:  # a shard whose bytes are not the catalogued ones, a missing dataset
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         return cli.fail(f"no done sweeps with enough stages in {args.collection} (selected by --val-fraction, "
                         "--families)")
-    print(summary_table(rows, list(methods)))
+    print(summary_table(rows, list(methods), pooled))
     if args.json:
         storage.write_atomic(*storage.resolve(args.json), json.dumps(rows, indent=1).encode())
     return 0

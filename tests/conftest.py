@@ -73,3 +73,46 @@ def inject(monkeypatch, tmp_path, *faults: str) -> None:
     from collectors import chaos
 
     monkeypatch.setenv(chaos.ENV, f"{tmp_path / 'chaos'}:{','.join(faults)}")
+
+
+
+def arm_victim(monkeypatch, tmp_path, cfg, index: int, *at: str):
+    """``inject`` a fault into the ``index``-th sweep of ``cfg`` at each of ``at`` (a stage number, "write"):
+    the sweeps, the victim's id, and a check that every armed fault really fired."""
+    from collectors.config import sample_specs
+
+    specs = sample_specs(cfg)
+    victim = specs[index].sweep_id
+    inject(monkeypatch, tmp_path, *(f"{victim}@{a}" for a in at))
+    return specs, victim, lambda: all((tmp_path / "chaos" / f"{victim}@{a}.fired").exists() for a in at)
+
+def described(*inits: str) -> dict[str, dict]:
+    """Init descriptions as the transfer experiment records them, from their names: ``naive``, ``oracle-x<m>``,
+    ``shrink-<method>-<k>`` and ``<method>-<k>`` (k steps back: multiplier 2^k)."""
+    out = {}
+    for name in inits:
+        head, _, last = name.rpartition("-")
+        if name == "naive":
+            out[name] = {"method": "naive", "step": 0, "multiplier": 1}
+        elif name.startswith("oracle-x"):
+            m = int(name.removeprefix("oracle-x"))
+            out[name] = {"method": "oracle", "step": m.bit_length() - 1, "multiplier": m}
+        elif head.startswith("shrink-"):
+            out[name] = {"method": "shrink", "matches": head.removeprefix("shrink-"), "step": int(last),
+                         "multiplier": 2 ** int(last)}
+        else:
+            out[name] = {"method": head, "step": int(last), "multiplier": 2 ** int(last)}
+    return out
+
+
+def fake_results(lift: dict[str, float], pretrain_seeds, seeds, noise) -> list[dict]:
+    """Fine-tune results for the summary's tests: every init of ``lift`` (init -> accuracy it adds) on every
+    pre-trained model × downstream seed, head 0.6 and full 0.7 plus ``noise(init, pretrain_seed, seed)`` ->
+    (head, full) deviations."""
+    rows = []
+    for p in pretrain_seeds:
+        for s in seeds:
+            for i, up in lift.items():
+                dh, df = noise(i, p, s)
+                rows.append({"init": i, "pretrain_seed": p, "seed": s, "acc_head": 0.6 + up + dh, "acc_full": 0.7 + up + df})
+    return rows

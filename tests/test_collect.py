@@ -12,7 +12,7 @@ import pytest
 from collectors import chaos
 from collectors.collect import collect as _collect
 from collectors.config import sample_specs
-from conftest import REPO, inject, tiny_config
+from conftest import REPO, arm_victim, tiny_config
 from meta import catalog, readers
 
 pytestmark = pytest.mark.ray
@@ -101,11 +101,9 @@ def test_shards_published_but_not_catalogued_are_adopted_not_redone(ray_local, s
 def test_a_killed_worker_costs_only_a_retry(ray_local, settings, tmp_path, monkeypatch):
     out = tmp_path / "meta"
     cfg = tiny_config(workers__shard_max_seconds=3600)  # sweeps stay unpublished on their worker until the end
-    specs = sample_specs(cfg)
-    victim = specs[1].sweep_id
-    inject(monkeypatch, tmp_path, f"{victim}@2")
+    specs, victim, fired = arm_victim(monkeypatch, tmp_path, cfg, 1, "2")
     s = collect(cfg, str(out), settings, num_workers=2)
-    assert (tmp_path / "chaos" / f"{victim}@2.fired").exists()  # the worker really died
+    assert fired()  # the worker really died
     assert (s.done, s.failed) == (4, 0)
     assert_consistent(out, [x.sweep_id for x in specs])
     attempts = {r["sweep_id"]: r["attempts"] for r in catalog.read(str(out))}
@@ -116,11 +114,9 @@ def test_a_failed_shard_write_loses_nothing(ray_local, settings, tmp_path, monke
     """The open shard is discarded, and every sweep it held is run again: none lost, none half-written."""
     out = tmp_path / "meta"
     cfg = tiny_config(workers__shard_max_seconds=3600)
-    specs = sample_specs(cfg)
-    victim = specs[2].sweep_id
-    inject(monkeypatch, tmp_path, f"{victim}@write")
+    specs, victim, fired = arm_victim(monkeypatch, tmp_path, cfg, 2, "write")
     s = collect(cfg, str(out), settings, num_workers=1)
-    assert (tmp_path / "chaos" / f"{victim}@write.fired").exists()
+    assert fired()
     assert (s.done, s.failed) == (4, 0)
     assert_consistent(out, [x.sweep_id for x in specs])
     attempts = {r["sweep_id"]: r["attempts"] for r in catalog.read(str(out))}
@@ -130,9 +126,7 @@ def test_a_failed_shard_write_loses_nothing(ray_local, settings, tmp_path, monke
 def test_retries_are_bounded_then_the_sweep_is_recorded_failed(ray_local, settings, tmp_path, monkeypatch):
     out = tmp_path / "meta"
     cfg = tiny_config(num_sweeps=2, workers__max_retries=1)
-    specs = sample_specs(cfg)
-    victim = specs[0].sweep_id
-    inject(monkeypatch, tmp_path, f"{victim}@0", f"{victim}@1")  # dies on both attempts
+    specs, victim, _ = arm_victim(monkeypatch, tmp_path, cfg, 0, "0", "1")  # dies on both attempts
     s = collect(cfg, str(out), settings, num_workers=1)
     assert (s.done, s.failed) == (1, 1)
     row = {r["sweep_id"]: r for r in catalog.read(str(out))}[victim]

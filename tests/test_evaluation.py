@@ -12,6 +12,7 @@ from collectors.config import ConfigError
 from evaluation import inits, stats
 from evaluation.config import parse_config
 from evaluation.finetune import task_split
+from conftest import described, fake_results
 
 
 def test_paired_matches_hand_computed_values():
@@ -233,14 +234,9 @@ def test_target_counts_our_known_only():
     """The authors' KNOWN beating naive and TaskVector does not meet the bar set for our KNOWN."""
     from evaluation.summary import summarize, target
 
-    inits_ = {"naive": {"method": "naive", "step": 0, "multiplier": 1},
-              "known-1": {"method": "known", "step": 1, "multiplier": 2},
-              "known-official-1": {"method": "known-official", "step": 1, "multiplier": 2},
-              "taskvector-1": {"method": "taskvector", "step": 1, "multiplier": 2}}
     lift = {"naive": 0.0, "known-1": 0.0, "known-official-1": 0.03, "taskvector-1": 0.0}
-    rng = np.random.default_rng(1)
-    results = [{"init": init, "pretrain_seed": 0, "seed": seed, "acc_head": 0.7 + up + rng.normal(0, 0.002),
-                "acc_full": 0.8 + up + rng.normal(0, 0.002)} for seed in range(8) for init, up in lift.items()]
+    inits_, rng = described(*lift), np.random.default_rng(1)
+    results = fake_results(lift, [0], range(8), lambda *_: rng.normal(0, 0.002, 2))
     rows, comps = summarize(results, inits_, {})
     assert any(c["init"] == "known-official-1" and c["reference"] == "taskvector-1" and c["p"] < 0.05 for c in comps)
     assert "not met; after Holm adjustment: not met" in target(comps)
@@ -278,17 +274,10 @@ def test_rates_are_selected_on_validation_images_only():
 def test_holm_is_within_one_method_and_per_model_tests_are_printed():
     from evaluation.summary import markdown, oracle_gaps, summarize
 
-    descs = {"naive": {"method": "naive", "step": 0, "multiplier": 1},
-             "oracle-x2": {"method": "oracle", "step": 1, "multiplier": 2},
-             "known-1": {"method": "known", "step": 1, "multiplier": 2},
-             "shrink-known-1": {"method": "shrink", "matches": "known", "step": 1, "multiplier": 2},
-             "known-official-1": {"method": "known-official", "step": 1, "multiplier": 2},
-             "shrink-known-official-1": {"method": "shrink", "matches": "known-official", "step": 1, "multiplier": 2}}
-    rng = np.random.default_rng(3)
     lift = {"naive": 0, "oracle-x2": 0.02, "known-1": 0.01, "shrink-known-1": 0.0, "known-official-1": 0.0,
             "shrink-known-official-1": 0.0}
-    results = [{"init": i, "pretrain_seed": p, "seed": s, "acc_head": 0.6 + up + rng.normal(0, 0.01),
-                "acc_full": 0.7 + up + rng.normal(0, 0.01)} for p in range(3) for s in range(5) for i, up in lift.items()]
+    descs, rng = described(*lift), np.random.default_rng(3)
+    results = fake_results(lift, range(3), range(5), lambda *_: rng.normal(0, 0.01, 2))
     rows, comps = summarize(results, descs, {})
     ours = [c for c in comps if c["method"] == "known"]
     assert len(ours) == 4 and len(comps) == 8  # (naive, its shrink) × 2 phases, per method

@@ -16,6 +16,7 @@ from evaluation import inits, stats
 from evaluation.config import parse_config
 from evaluation.finetune import task_indices
 from tests.test_evaluation import BASE, _kinds, _state, _with
+from conftest import described, fake_results
 
 
 def test_oracle_sets_are_supersets_of_d0_and_disjoint_from_the_target_task(settings):
@@ -78,13 +79,9 @@ def test_fraction_of_the_oracle_gap_closed_matches_a_hand_computed_case():
 def test_oracle_gaps_pair_each_prediction_with_the_oracle_of_its_multiplier():
     from evaluation.summary import oracle_gaps, verdicts
 
-    descs = {"naive": {"method": "naive", "step": 0, "multiplier": 1},
-             "oracle-x2": {"method": "oracle", "step": 1, "multiplier": 2},
-             "known-1": {"method": "known", "step": 1, "multiplier": 2},
-             "known-2": {"method": "known", "step": 2, "multiplier": 4}}
     lift = {"naive": 0.0, "oracle-x2": 0.04, "known-1": 0.01, "known-2": 0.03}
-    results = [{"init": i, "pretrain_seed": p, "seed": s, "acc_head": 0.6 + up + 0.001 * s, "acc_full": 0.7 + up + 0.002 * s * (i != "naive")}
-               for p in (0, 1) for s in range(4) for i, up in lift.items()]
+    descs = described(*lift)
+    results = fake_results(lift, (0, 1), range(4), lambda i, p, s: (0.001 * s, 0.002 * s * (i != "naive")))
     gaps = oracle_gaps(results, descs)
     assert [(g["oracle"], g["phase"]) for g in gaps] == [("oracle-x2", "head"), ("oracle-x2", "full")]
     head = gaps[0]

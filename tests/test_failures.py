@@ -11,7 +11,7 @@ import pytest
 
 from collectors.collect import collect
 from collectors.config import sample_specs
-from conftest import inject, tiny_config
+from conftest import arm_victim, inject, tiny_config
 from meta import catalog, readers
 from meta.shards import ShardError, iter_shard
 from test_collect import assert_consistent
@@ -44,11 +44,9 @@ def _members(out) -> collections.Counter:
 def test_killed_worker_process_on_a_multinode_cluster(cluster, settings, tmp_path, monkeypatch):
     out = tmp_path / "meta"
     cfg = tiny_config(num_sweeps=6)
-    specs = sample_specs(cfg)
-    victim = specs[2].sweep_id
-    inject(monkeypatch, tmp_path, f"{victim}@1")
+    specs, victim, fired = arm_victim(monkeypatch, tmp_path, cfg, 2, "1")
     s = collect(specs, str(out), settings, cfg.workers, 2, False)
-    assert (tmp_path / "chaos" / f"{victim}@1.fired").exists()
+    assert fired()
     assert (s.done, s.failed) == (6, 0)
     assert_consistent(out, [x.sweep_id for x in specs])  # exactly the requested sweeps, each shard readable
     assert max(_members(out).values()) == 1  # no duplicate anywhere, catalogued or not

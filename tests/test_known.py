@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -523,6 +524,46 @@ def test_the_step_layout_is_the_kernel_for_float32_on_the_cpu_and_torch_otherwis
     assert layout(w.double(), model.double()) is FastKNOWN  # the kernel reads float32 only
     assert layout(w[:, :4], KNOWN(n_stages=4)) is FastKNOWN  # and five stages
     assert layout(w.double(), model) is FastKNOWN  # windows and model disagree
+
+
+def test_the_float64_layout_never_builds_the_kernel(monkeypatch):
+    """The C++ kernel reads float32 only: choosing for float64 windows must not compile it (a g++ run) first."""
+    from known import native
+    from known.fast import FastKNOWN
+    from known.predict import layout
+
+    monkeypatch.setattr(native, "library", lambda: pytest.fail("the kernel was built for float64 windows"))
+    model = KNOWN().double()
+    assert layout(torch.randn(8, 5, dtype=torch.float64), model) is FastKNOWN
+
+
+@pytest.mark.parametrize("method", ["taskvector", "linearfit", "logfit", "expfit"])
+def test_a_baseline_is_a_stepper_like_known(method):
+    """``stepper`` hands out baselines through the same interface as KNOWN; chunking changes nothing."""
+    from known.predict import stepper
+
+    w = torch.randn(1000, 5, dtype=torch.float64).cumsum(1)
+    step, chunk = stepper(method, w)
+    assert torch.equal(step.step(w, None, chunk), baselines.predict(method, w))
+    assert torch.allclose(step.step(w, None, 7), baselines.predict(method, w), rtol=1e-12, atol=1e-12)  # BLAS order
+    with pytest.raises(ValueError, match="nofit"):
+        stepper("nofit", w)
+
+
+def test_the_relative_l1_pools_sums_before_the_ratio():
+    """A large window and a small one: the pooled ratio weighs every scalar the same, unlike the mean of the two
+    windows' ratios; a predictor never counted in a group reads NaN, not 0."""
+    from known.relative_l1 import STEP, PooledL1
+
+    target = torch.zeros(1000)
+    total, small = PooledL1(), PooledL1()
+    total.add("g", STEP, torch.ones(1000), target)  # keep-newest: 1,000 off
+    total.add("g", "p", torch.full((1000,), 0.5), target)  # the predictor halves it: ratio 0.5
+    small.add("g", STEP, torch.ones(10), torch.zeros(10))
+    small.add("g", "p", torch.full((10,), 2.0), torch.zeros(10))  # doubles it on 10 scalars: ratio 2
+    total.update(small)
+    assert total.ratio("p", ["g"]) == pytest.approx(520 / 1010)  # the mean of ratios would say 1.25
+    assert math.isnan(total.ratio("q", ["g"])) and math.isnan(total.ratio("p", ["h"]))
 
 
 @pytest.mark.parametrize("device, dtype, stages, native_ok, triton_ok, want", [

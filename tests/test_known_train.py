@@ -219,15 +219,18 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_the_uninterr
     import time
 
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local Ray per run, never someone else's cluster
-    killed = subprocess.Popen(_train_cmd(meta_root, tmp_path, "killed"), cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = tmp_path / "killed.stderr"
+    with err.open("wb") as sink:
+        killed = subprocess.Popen(_train_cmd(meta_root, tmp_path, "killed"), cwd=tmp_path, env=env,
+                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=sink)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and killed.poll() is None:
             if _registered_checkpoint(tmp_path / "train" / "killed"):
                 break
             time.sleep(0.2)
-        assert killed.poll() is None, "training finished before it could be killed"
+        assert killed.poll() is None, (f"training ended (exit {killed.returncode}) before it could be killed: "
+                                       f"{err.read_text(errors='replace')[-3000:]}")
     finally:
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait()
