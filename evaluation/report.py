@@ -82,7 +82,7 @@ One row per experiment (details below). Pre-training vs scratch and Θ0 → Θ4 
 re-estimated, mean over pre-training seeds) say whether a setting can show anything; "our KNOWN vs naive" is
 its best step (×1/r^k) after each phase; "oracle gap ×2" is what really pre-training on twice the source data
 gives after full fine-tuning (points, 95% CI; – where the experiment trained no oracle) and the fraction of
-it our KNOWN's ×2 step closes (95% bootstrap CI); "target" is issue 4's bar (our KNOWN beats naive *and* TaskVector with
+it our KNOWN's ×2 step closes (95% bootstrap CI); "target" is the evaluation's first bar (our KNOWN beats naive *and* TaskVector with
 p < 0.05 at one step and phase), judged with the raw p / Holm-adjusted p / pre-training seed as the unit.
 
 | experiment | setting | pre-training vs scratch, points (head / full) | source acc Θ0 → Θ4 | oracle gap ×2, full FT | our KNOWN vs naive, head-only | our KNOWN vs naive, full FT | target (p / Holm / per pre-train seed) |
