@@ -10,7 +10,9 @@ Failure model (what a user is promised; the rules themselves live in ``collector
   at most unpublished work; the next run adopts shards published after the last commit (from their JSON
   records) and redoes only what is missing;
 - a resume checks every catalogued shard's size against the catalog (``meta.verify.check``): a damaged or
-  missing shard is moved aside to ``damaged/`` and its sweeps are run again.
+  missing shard is moved aside to ``damaged/`` and its sweeps are run again;
+- a stop asked for (``stop``: a time limit, Ctrl-C) starts no new sweep; the running ones finish and every
+  worker publishes what it holds, so a session-bounded collection loses nothing and the same command resumes.
 
 Elastic: the pool is sized by the request (``num_workers``), not by the cluster's CPUs at the start. Every
 worker is requested up front; one that cannot be placed yet waits for the autoscaler and gets work only once
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -135,12 +138,13 @@ class Summary:
     bytes_written: int = 0
     total_bytes: int = 0
     catalog_bytes: int = 0  # written to the catalog this run (parts and merges)
+    left: int = 0  # not started because a stop was asked for; the next run does them
     wall_s: float = 0.0
 
     @property
     def complete(self) -> bool:
-        """Every requested sweep is done (none failed now or earlier)."""
-        return self.failed == 0 and not self.earlier_failures
+        """Every requested sweep is done (none failed now or earlier, none left by a stop)."""
+        return self.failed == 0 and not self.earlier_failures and not self.left
 
     def text(self) -> str:
         lines = [
@@ -152,6 +156,7 @@ class Summary:
         lines += [f"  damaged shard {d.shard} ({d.why}): its {len(d.sweeps)} sweeps were run again; the file is kept as "
                   f"{where}" if where else f"  missing shard {d.shard}: its {len(d.sweeps)} sweeps were run again"
                   for d, where in self.damaged]
+        lines += [f"  stopped as asked: {self.left} sweeps not started; the same command resumes them"] * bool(self.left)
         lines += [f"  failed x{n}: {why}" for why, n in self.failures.most_common()]
         lines += [f"  failed in an earlier run x{n}: {why} (--retry-failed runs them again)"
                   for why, n in self.earlier_failures.most_common()]
@@ -238,9 +243,9 @@ class _Scheduler:
     """Workers, the queue, the work in flight and the attempts; every fault goes through ``policy.decide``."""
 
     def __init__(self, out: str, todo: list[SweepSpec], books: catalog.Appender, settings: DataSettings,
-                 w: WorkerSettings, size: int, summary: Summary, on_progress, runner):
+                 w: WorkerSettings, size: int, summary: Summary, on_progress, runner, stop: threading.Event):
         self.out, self.books, self.settings, self.w, self.summary = out, books, settings, w, summary
-        self.runner = runner
+        self.runner, self.stop, self.stopping = runner, stop, False
         self.on_progress = on_progress or (lambda summary: None)
         self.by_id = {s.sweep_id: s for s in todo}
         self.queue = deque(self.by_id)
@@ -263,7 +268,7 @@ class _Scheduler:
 
     def run(self) -> None:
         try:
-            while self.slots and (self.queue or self._working()):
+            while self.slots and (self._wanted() or self._working()):
                 self._dispatch()
                 refs = list(self.inflight)
                 ready, _ = ray.wait(refs, num_returns=1, timeout=PROGRESS_EVERY_S)
@@ -274,11 +279,23 @@ class _Scheduler:
                     log.info("%d of %d workers running, %d sweeps queued", sum(s.started for s in self.slots),
                              len(self.slots), len(self.queue))
                 self.on_progress(self.summary)
-            self._strand()
+            if self.slots:
+                self.summary.left = len(self.queue)  # nonzero only after a stop
+            else:
+                self._strand()
         finally:
             self.bar.close()
             for slot in self.slots:
                 ray.kill(slot.actor)  # pending ones too: a replacement still waiting for a node
+
+    def _wanted(self) -> bool:
+        """Sweeps remain to hand out, and no stop has been asked for (logged once when one is)."""
+        if self.stop.is_set() and not self.stopping:
+            self.stopping = True
+            running = sum(kind == "run" for _, kind, _ in self.inflight.values())
+            log.warning("stopping: no new sweeps; %d running finish and are published, %d left for the next run",
+                        running, len(self.queue))
+        return bool(self.queue) and not self.stopping
 
     def _working(self) -> bool:
         return any(kind != "start" for _, kind, _ in self.inflight.values()) or any(s.unpublished for s in self.slots)
@@ -288,7 +305,7 @@ class _Scheduler:
         for slot in self.slots:
             if id(slot) in busy or not slot.started:
                 continue
-            if self.queue:
+            if self._wanted():
                 sid = self.queue.popleft()
                 self.inflight[slot.actor.run.remote(self.by_id[sid].model_dump_json())] = (slot, "run", sid)
             elif slot.unpublished:
@@ -383,10 +400,12 @@ def collect(
     retry_failed: bool = False,
     on_progress=None,
     runner=run_sweep,
+    stop: threading.Event | None = None,
 ) -> Summary:
     """Run the sweeps in ``specs`` that ``out`` does not hold yet with ``num_workers`` workers (default: as many
     as the cluster's CPUs hold now); ``on_progress(summary)`` is called as results come in. Returns what happened.
-    ``runner(spec, settings, on_stage=…)`` trains one sweep (``bench/scale.py`` passes a simulated one)."""
+    ``runner(spec, settings, on_stage=…)`` trains one sweep (``bench/scale.py`` passes a simulated one). Once
+    ``stop`` is set no new sweep starts; the running ones finish and are published (``Summary.left``)."""
     t0 = time.perf_counter()
     out = storage.normalize(out)  # workers may run in another folder: local paths become absolute
     storage.check_writable(out)
@@ -399,7 +418,7 @@ def collect(
                 ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
             size = policy.pool_size(num_workers, ray.cluster_resources().get("CPU", 0), w.cpus_per_worker, len(todo))
             log.info("requesting %d workers (%g CPUs each) for %d sweeps", size, w.cpus_per_worker, len(todo))
-            _Scheduler(out, todo, books, settings, w, size, summary, on_progress, runner).run()
+            _Scheduler(out, todo, books, settings, w, size, summary, on_progress, runner, stop or threading.Event()).run()
     finally:
         books.close()  # every row of a published shard is committed, even when the run is interrupted
     summary.total_bytes, summary.catalog_bytes = _shard_bytes(out), books.bytes_written

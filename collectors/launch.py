@@ -4,14 +4,24 @@
     ray job submit --working-dir . -- python collectors/launch.py --config … --collection s3://bucket/meta --workers 64
 
 Running the same command again resumes: finished sweeps are skipped, unfinished ones are redone.
-Exit status: 0 every requested sweep is done; 1 some failed (the summary says why); 2 bad input (nothing ran).
+To stop without losing work — a session ends, the cluster is wanted back — give --stop-after or press Ctrl-C
+once: no new sweep starts, the running ones finish and are published (Ctrl-C again aborts; unpublished sweeps
+then run again on resume).
+Exit status: 0 every requested sweep is done; 1 some failed (the summary says why); 2 bad input (nothing ran);
+3 stopped as asked before every sweep ran (the same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
+from datetime import timedelta
 from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
 
 if __package__ in (None, ""):  # run as a script (`python collectors/launch.py`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,7 +31,20 @@ from collectors.config import ConfigError, load_config, sample_specs  # noqa: E4
 from meta import catalog, cli, status, storage  # noqa: E402
 from meta.errors import OblivionError  # noqa: E402
 
-EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, cli.EXIT_BAD_INPUT
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, cli.EXIT_BAD_INPUT, 3
+log = logging.getLogger("collectors.launch")
+
+
+def duration(value: str) -> float:
+    """``--stop-after``'s type: seconds, ``HH:MM:SS`` or ISO 8601 (``PT2H30M``), finite and > 0."""
+    try:
+        seconds = float(value) if value.lstrip("+-").replace(".", "", 1).isdigit() else \
+            TypeAdapter(timedelta).validate_strings(value).total_seconds()
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"not a duration: {value!r} (seconds, HH:MM:SS or PT2H30M)") from None
+    if not 0 < seconds < 10**9:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {value!r}")
+    return seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unverified-cifar10", action="store_true",
                    help="load a locally rebuilt CIFAR-10 whose md5s differ from torchvision's (e.g. ../shared/data)")
     p.add_argument("--retry-failed", action="store_true", help="run sweeps the catalog records as failed again")
+    p.add_argument("--stop-after", type=duration, default=None, metavar="DURATION",
+                   help="start no new sweep after this long (seconds, HH:MM:SS or PT2H30M); the running ones finish "
+                        "and are published, and the same command resumes")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI for the live view (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="no live view in MLflow")
@@ -52,6 +78,24 @@ def _live_view(args: argparse.Namespace, n_sweeps: int, num_workers: int | None)
 
     params = {"config": args.config, "out": args.collection, "num_sweeps": n_sweeps, "num_workers": num_workers or "auto"}
     return MlflowProgress(tracking_uri(args.tracking_uri), f"collect {Path(args.collection).name}", params)
+
+
+def _stop_event(after_s: float | None) -> threading.Event:
+    """Set after ``after_s`` seconds or at the first Ctrl-C; the second Ctrl-C aborts as usual."""
+    stop = threading.Event()
+    if after_s is not None:
+        timer = threading.Timer(after_s, stop.set)
+        timer.daemon = True
+        timer.start()
+    if threading.current_thread() is threading.main_thread():
+        def on_interrupt(signum, frame):
+            if stop.is_set():
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: finishing the running sweeps and publishing them (Ctrl-C again to abort)")
+            stop.set()
+
+        signal.signal(signal.SIGINT, on_interrupt)
+    return stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,13 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     specs = sample_specs(config)
     num_workers = args.workers or config.workers.num_workers  # the flag wins over the config
     view = _live_view(args, len(specs), num_workers)
-    summary = collect(specs, args.collection, settings, config.workers, num_workers, args.retry_failed, on_progress=view)
+    summary = collect(specs, args.collection, settings, config.workers, num_workers, args.retry_failed, on_progress=view,
+                      stop=_stop_event(args.stop_after))
     st = status.status(storage.normalize(args.collection))
     if view is not None:
         view.finish(summary, st)
     print(summary.text())
     print(status.text(st))
-    return EXIT_DONE if summary.complete else EXIT_FAILED
+    if summary.complete:
+        return EXIT_DONE
+    return EXIT_STOPPED if summary.left and not (summary.failed or summary.earlier_failures) else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class Status:
     failed: int
     failures: Counter = field(default_factory=Counter)  # first line of the error -> sweeps
     cells: dict = field(default_factory=dict)  # (family, dataset) -> (done, failed)
+    longest: dict = field(default_factory=dict)  # (family, dataset) -> the longest done sweep's wall seconds
     shard_bytes: int = 0
     cpu_hours: float = 0.0  # the done sweeps' wall time, one worker each
     sweeps_per_hour: float | None = None  # done sweeps between the first and the last one finished
@@ -58,16 +59,24 @@ def status(out: str) -> Status:
             counts = list(cells.get((r["family"], r["dataset"]), (0, 0)))
             counts[col] = r["status_count"]
             cells[(r["family"], r["dataset"])] = tuple(counts)
+    longest = {(r["family"], r["dataset"]): r["wall_s_max"]  # what a --stop-after must leave room for
+               for r in done.group_by(["family", "dataset"]).aggregate([("wall_s", "max")]).to_pylist()}
     fs, path = storage.resolve(out)
     return Status(
         out, done.num_rows, failed.num_rows,
         failures=Counter((e or "?").splitlines()[0][:200] for e in failed["error"].to_pylist()),
         cells=dict(sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0])))),
+        longest=longest,
         shard_bytes=sum(i.size for i in storage.list_files(fs, storage.join(path, catalog.SHARDS_DIR), ".tar")),
         cpu_hours=(pc.sum(done["wall_s"]).as_py() or 0.0) / 3600,
         sweeps_per_hour=_rate(done["finished_at"]),
         examples=tuple(done.slice(0, 3).to_pylist()),
     )
+
+
+def _longest(st: Status, cell: tuple) -> str:
+    seconds = st.longest.get(cell)
+    return f"; longest sweep {seconds / 60:.1f} min" if seconds is not None else ""
 
 
 def text(st: Status) -> str:
@@ -76,7 +85,8 @@ def text(st: Status) -> str:
              f"  shards: {st.shard_bytes:,} bytes; CPU-hours (sweep wall time, one worker each): {st.cpu_hours:.2f}; "
              f"sweeps per hour (first to last finished): {rate}"]
     lines += [f"  failed x{n}: {why}" for why, n in st.failures.most_common()]
-    lines += [f"  {fam:<11} {ds:<13} {d} done" + (f", {f} failed" if f else "") for (fam, ds), (d, f) in st.cells.items()]
+    lines += [f"  {fam:<11} {ds:<13} {d} done" + (f", {f} failed" if f else "") + _longest(st, (fam, ds))
+              for (fam, ds), (d, f) in st.cells.items()]
     for r in st.examples:
         accs = " ".join(f"{a:.3f}" for a in r["stage_test_acc"])
         lines.append(f"  e.g. {r['sweep_id']} ({r['family']}, {r['dataset']}, r={r['r']}): test acc by stage {accs}")

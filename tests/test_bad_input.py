@@ -96,6 +96,8 @@ CASES = [
     ("launch-config-is-a-folder", "launch", ["--config", "{tmp}/folder", "--collection", "{tmp}/o"], "folder"),
     ("launch-workers-zero", "launch", [*LAUNCH, "--collection", "{tmp}/o", "--workers", "0"], "--workers"),
     ("launch-workers-not-a-number", "launch", [*LAUNCH, "--collection", "{tmp}/o", "--workers", "two"], "'two'"),
+    ("launch-stop-after-zero", "launch", [*LAUNCH, "--collection", "{tmp}/o", "--stop-after", "0"], "'0'"),
+    ("launch-stop-after-no-unit-known", "launch", [*LAUNCH, "--collection", "{tmp}/o", "--stop-after", "2h"], "'2h'"),
     ("launch-collection-missing-flag", "launch", LAUNCH, "--collection"),
     ("launch-data-root-missing", "launch", ["--config", "{tmp}/cfg.yaml", "--collection", "{tmp}/o",
                                             "--data-root", "{tmp}/nodata"], "nodata"),

@@ -228,3 +228,51 @@ def test_exit_codes_and_the_live_view_in_mlflow(capsys, tmp_path, fake_root, ray
     assert launch.main(["--config", str(bad), "--out", str(tmp_path / "bad"), "--no-mlflow", *common]) == 1
     out = capsys.readouterr().out
     assert "2 already finished" in out and "failed in an earlier run x1: SweepDiverged" in out
+
+
+@pytest.mark.ray
+def test_a_stop_publishes_what_ran_exits_3_and_the_same_command_resumes(capsys, tmp_path, fake_root, ray_local,
+                                                                        monkeypatch):
+    """A stop (here after the first sweep; --stop-after and Ctrl-C set the same event) starts no new sweep: what
+    ran is published and catalogued, the rest is left, exit 3; the same command then finishes the job."""
+    import threading
+
+    from collectors import collect as collect_mod
+
+    cfg, out = tmp_path / "cfg.yaml", tmp_path / "meta"
+    cfg.write_text(tiny_config(num_sweeps=4).model_dump_json())
+    argv = ["--config", str(cfg), "--out", str(out), "--data-root", str(fake_root), "--unverified-cifar10",
+            "--no-mlflow", "--num-workers", "1"]
+    real_collect = collect_mod.collect
+
+    def stop_after_first(*args, stop, on_progress, **kw):
+        def progress(summary):
+            if summary.completed >= 1:
+                stop.set()
+        assert isinstance(stop, threading.Event) and not stop.is_set()
+        return real_collect(*args, stop=stop, on_progress=progress, **kw)
+
+    monkeypatch.setattr(collect_mod, "collect", stop_after_first)
+    assert launch.main(argv) == 3
+    printed = capsys.readouterr().out
+    assert "1 done now" in printed and "stopped as asked: 3 sweeps not started" in printed
+    rows = catalog.read(str(out))
+    assert [r["status"] for r in rows] == ["done"] and (out / "shards" / rows[0]["shard"]).exists()
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]  # published, no temporaries
+
+    monkeypatch.setattr(collect_mod, "collect", real_collect)
+    assert launch.main(argv) == 0
+    assert "1 already finished" in capsys.readouterr().out
+    assert sorted(r["status"] for r in catalog.read(str(out))) == ["done"] * 4
+
+
+def test_the_first_ctrl_c_asks_for_a_stop_the_second_aborts_and_the_timer_stops_too(monkeypatch):
+    handlers = {}
+    monkeypatch.setattr(launch.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
+    stop = launch._stop_event(None)
+    assert not stop.is_set()
+    handlers[signal.SIGINT](signal.SIGINT, None)
+    assert stop.is_set()
+    with pytest.raises(KeyboardInterrupt):
+        handlers[signal.SIGINT](signal.SIGINT, None)
+    assert launch._stop_event(0.05).wait(timeout=10)

@@ -14,18 +14,19 @@ def test_status_counts_reasons_cells_bytes_and_hours(tmp_path, capsys):
     (tmp_path / "shards" / "a.tar").write_bytes(b"x" * 1000)
     catalog.write(str(tmp_path), [
         _row("s1", "done", "cnn", "mnist", 1800, "2026-01-01T00:00:00+00:00"),
-        _row("s2", "done", "cnn", "mnist", 1800, "2026-01-01T00:30:00+00:00"),
+        _row("s2", "done", "cnn", "mnist", 900, "2026-01-01T00:30:00+00:00"),
         _row("s3", "failed", "resnet", "cifar10", error="SweepDiverged: nan\ntraceback"),
         _row("s4", "failed", "cnn", "mnist", error="worker died: X (on all 3 attempts)"),
     ])
     st = status.status(str(tmp_path))
-    assert (st.done, st.failed, st.shard_bytes, st.cpu_hours, st.sweeps_per_hour) == (2, 2, 1000, 1.0, 2.0)
+    assert (st.done, st.failed, st.shard_bytes, st.cpu_hours, st.sweeps_per_hour) == (2, 2, 1000, 0.75, 2.0)
     assert st.failures == {"SweepDiverged: nan": 1, "worker died: X (on all 3 attempts)": 1}
     assert st.cells == {("cnn", "mnist"): (2, 1), ("resnet", "cifar10"): (0, 1)}
+    assert st.longest == {("cnn", "mnist"): 1800}  # what --stop-after must leave room for
     assert status.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 done, 2 failed" in out and "1,000 bytes" in out and "failed x1: SweepDiverged: nan" in out
-    assert "resnet      cifar10       0 done, 1 failed" in out
+    assert "resnet      cifar10       0 done, 1 failed\n" in out and "cnn         mnist         2 done, 1 failed; longest sweep 30.0 min" in out
 
 
 def test_status_of_a_folder_without_a_catalog_is_an_error_naming_it(tmp_path, capsys):
