@@ -12,7 +12,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import get_args
 
 import torch
@@ -78,6 +78,15 @@ class StagePlan:
 
 
 PLATEAU_PATIENCE, PLATEAU_TOL, PLATEAU_FLOOR = 3, 0.02, 0.005
+
+
+def stage_plans(theta0: str, first: StagePlan, rest: StagePlan, n_stages: int) -> list[StagePlan]:
+    """Θ0's plan then the stages'. ``theta0`` plateau: Θ0 at a constant rate until its loss plateaus (``first``'s
+    epochs the cap), and stages as long as that cap follow Θ0's actual length: one rule for the collection and
+    the evaluation's pre-training, so their sweeps are the same protocol."""
+    if theta0 == "plateau":
+        first, rest = replace(first, cosine=False, plateau=True), replace(rest, follow=rest.epochs == first.epochs)
+    return [first] + [rest] * (n_stages - 1)
 
 
 def plateaued(losses: list[float], patience: int = PLATEAU_PATIENCE, tol: float = PLATEAU_TOL,
@@ -317,11 +326,8 @@ def run_sweep(
     test = test_split(spec, test)
     gen = torch.Generator().manual_seed(spec.seed + 1)  # batch order
     cosine = spec.schedule == "cosine"
-    plans = [StagePlan(spec.pretrain_epochs, spec.lr, cosine)] + [StagePlan(spec.stage_epochs, spec.lr, cosine)] * (spec.n_stages - 1)
-    if spec.theta0 == "plateau":  # Θ0 at a constant rate until its loss plateaus; "pretrain"-long stages follow it
-        follow = spec.stage_epochs == spec.pretrain_epochs
-        plans = [StagePlan(spec.pretrain_epochs, spec.lr, plateau=True)] + [
-            StagePlan(spec.stage_epochs, spec.lr, cosine, follow=follow)] * (spec.n_stages - 1)
+    plans = stage_plans(spec.theta0, StagePlan(spec.pretrain_epochs, spec.lr, cosine),
+                        StagePlan(spec.stage_epochs, spec.lr, cosine), spec.n_stages)
     stages, snaps = train_stages(model, train, test, subsets, plans, dataset=spec.dataset, optimizer=spec.optimizer,
                                  batch_size=spec.batch_size, gen=gen, record=record, on_stage=on_stage,
                                  protocol=Protocol.of(spec), path=path)

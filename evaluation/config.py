@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collectors import zoo
-from collectors.config import Augment, OptimizerState, StageInit, SweepPath, load_yaml_model, parse_model
+from collectors.config import Augment, OptimizerState, StageInit, SweepPath, Theta0, load_yaml_model, parse_model
 from collectors.data import DATASETS
 from known.predict import METHODS
 
@@ -88,6 +88,9 @@ class Source(Task):
     optimizer_state: OptimizerState = "fresh"
     augment: Augment = "none"
     weight_decay: float = Field(default=0.0, ge=0)  # decoupled (AdamW) in pre-training and every stage
+    # "plateau": Θ0 at a constant rate until its training loss plateaus (pretrain_epochs the cap; meta-v3's rule,
+    # collectors.sweep.stage_plans), stages as long as pretrain_epochs then last as long as Θ0 took; oracles too
+    theta0: Theta0 = "epochs"
     # the ceiling: Θ0's recipe on supersets of D0 m times its size (m = 1/r^k, the ×data a KNOW step claims)
     oracles: list[int] = Field(default_factory=list)
     # the "converged" control: Θ0's recipe on D0 for this many epochs (is a gain just more training?)
@@ -113,7 +116,7 @@ class Source(Task):
                     else f"{name[self.pretrain_cosine]} Θ0, {name[self.stage_cosine]} stages")
         return {"stage_init": self.stage_init, "schedule": schedule, "optimizer_state": self.optimizer_state,
                 "augment": self.augment, "stage_epochs": "pretrain" if self.stage_epochs == self.pretrain_epochs else self.stage_epochs,
-                "weight_decay": self.weight_decay, "theta0": "epochs", "train_size": self.train_size,
+                "weight_decay": self.weight_decay, "theta0": self.theta0, "train_size": self.train_size,
                 "pretrain_epochs": self.pretrain_epochs, "r": self.r, "lr": self.pretrain_lr}
 
     @field_validator("family")

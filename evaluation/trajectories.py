@@ -17,7 +17,7 @@ import torch
 
 from collectors import data, zoo
 from collectors.config import ConfigError
-from collectors.sweep import Protocol, StagePlan, evaluate, nested_subsets, train_stages
+from collectors.sweep import Protocol, StagePlan, evaluate, nested_subsets, stage_plans, train_stages
 from evaluation.config import Source, Task, TransferConfig, protocol_diff
 from evaluation.finetune import task_split
 from known.model import S
@@ -57,8 +57,9 @@ def pretrain(src: Source, pseed: int, settings: data.DataSettings, multiplier: i
     model = zoo.build(src.family, src.arch, info.channels, len(src.classes))
     n_stages = S if multiplier == 1 and epochs is None else 1
     subsets = nested_subsets(len(train), None, src.r, n_stages, pseed)
-    plans = [StagePlan(epochs or src.pretrain_epochs, src.pretrain_lr, src.pretrain_cosine)]
-    plans += [StagePlan(src.stage_epochs, src.stage_lr, src.stage_cosine)] * (n_stages - 1)
+    plans = stage_plans(src.theta0 if epochs is None else "epochs",  # the "converged" control: plain epochs
+                        StagePlan(epochs or src.pretrain_epochs, src.pretrain_lr, src.pretrain_cosine),
+                        StagePlan(src.stage_epochs, src.stage_lr, src.stage_cosine), n_stages)
     protocol = Protocol.of(src, pseed)
     walls: list[float] = []
     _, snaps = train_stages(model, train, test, subsets, plans, dataset=src.dataset, optimizer=src.optimizer,

@@ -184,3 +184,28 @@ def test_theta0_trains_until_its_loss_plateaus_and_the_stages_as_long_as_it_took
     assert res.stages[0].steps == len(theta0) * per_epoch
     again = run_sweep(spec, settings)  # deterministic: the same plateau, the same weights
     assert all(torch.equal(res.tensors[k], again.tensors[k]) for k in res.tensors)
+
+
+def test_the_evaluation_pre_trains_a_plateau_theta0_by_the_collections_rule(settings, monkeypatch):
+    """An evaluation source with ``theta0: plateau`` is pre-trained as meta-v3's sweeps are (one rule,
+    ``sweep.stage_plans``) and says so in its protocol; the "converged" control keeps its plain epochs."""
+    from evaluation import trajectories
+    from evaluation.config import Source
+
+    epochs_of_stage, original = [], sweep.train_epochs
+
+    def spy(model, opt, split, idx, dataset, batch_size, epochs, *a, **k):
+        epochs_of_stage.append((len(idx), epochs))
+        return original(model, opt, split, idx, dataset, batch_size, epochs, *a, **k)
+
+    monkeypatch.setattr(sweep, "train_epochs", spy)
+    src = Source(dataset="mnist", train_size=200, arch=LEGACY["arch"], batch_size=32, theta0="plateau", pretrain_epochs=40,
+                 stage_epochs=40, pretrain_lr=3e-3, stage_lr=3e-3, stage_cosine=True)
+    trajectories.pretrain(src, 0, settings, 1)
+    theta0 = [e for n, e in epochs_of_stage if n == 200]
+    assert all(e == 1 for e in theta0) and 3 < len(theta0) <= 40
+    assert [e for n, e in epochs_of_stage if n < 200] == [len(theta0)] * (trajectories.S - 1)
+    assert src.protocol()["theta0"] == "plateau" and src.protocol()["stage_epochs"] == "pretrain"
+    epochs_of_stage.clear()
+    trajectories.pretrain(src, 0, settings, 1, epochs=3)  # the converged control
+    assert epochs_of_stage == [(200, 3)]
