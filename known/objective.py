@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from known import baselines, native, predict, registry
+from known import native, predict, registry
 from known.fast import NativeKNOWN
 from known.model import PREDICTED_KINDS
 from known.relative_l1 import STEP, PooledL1
@@ -28,19 +28,9 @@ class ErrorSums(PooledL1):
         """Add one kind's validation windows ``x`` with targets ``y`` and KNOWN's predictions ``pred``."""
         self.add(kind, "known", pred, y)
         for m in ("taskvector", "linearfit"):
-            self.add(kind, m, baselines.predict(m, x), y)
+            step, chunk = predict.stepper(m, x)
+            self.add(kind, m, step.step(x, None, chunk), y)
         self.add(kind, STEP, x[:, -1], y)
-
-    def merged(self, device) -> ErrorSums:
-        """These sums added over the process group's ranks, each of which validated its own split of the windows
-        (``Ingest``); the tensor lives on ``device`` (NCCL reduces CUDA tensors only)."""
-        import torch.distributed as dist
-
-        keys = list(self.sums)
-        total = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        self.sums = dict(zip(keys, total.tolist()))
-        return self
 
     def metrics(self) -> dict[str, float]:
         out = {}
@@ -68,7 +58,7 @@ def validation_metrics(models: dict, batches, across_ranks: bool = False) -> dic
                 layout, chunk = layouts[k]
                 errors.add_windows(k, x[mask], y[mask], layout.step(x[mask], rms[mask], chunk))
     if across_ranks:
-        errors.merged(next(next(iter(models.values())).parameters()).device)
+        errors.all_reduced(next(next(iter(models.values())).parameters()).device)
     return errors.metrics()
 
 

@@ -28,6 +28,17 @@ class PooledL1:
         for key, v in other.sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + v
 
+    def all_reduced(self, device) -> PooledL1:
+        """These sums added over the process group's ranks (each counted its own windows), in place; the tensor
+        lives on ``device`` (NCCL reduces CUDA tensors only). Every rank must hold the same keys."""
+        import torch.distributed as dist
+
+        keys = list(self.sums)
+        total = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        self.sums = dict(zip(keys, total.tolist()))
+        return self
+
     def ratio(self, predictor: str, groups: Iterable[str]) -> float:
         """Σ over ``groups`` of the predictor's error / Σ of keep-newest's; NaN where either was never counted."""
         groups = list(groups)
