@@ -56,7 +56,8 @@ StageInit = Literal["sequential", "restart"]
 Schedule = Literal["constant", "cosine"]
 OptimizerState = Literal["fresh", "carry"]
 Augment = Literal["none", "crop_flip"]
-Theta0 = Literal["epochs", "plateau"]  # Θ0 trains pretrain_epochs, or until its training loss plateaus
+# Θ0 trains pretrain_epochs; or until its training loss plateaus at a constant rate; or that, then annealed
+Theta0 = Literal["epochs", "plateau", "plateau-anneal"]
 SweepPath = Literal["reference", "fast"]  # the training loop (collectors.sweep.PATHS); not part of the spec
 DEFAULT_SWEEP_PATH: SweepPath = "fast"
 
@@ -83,7 +84,9 @@ class SweepSpec(ProtocolFields):
     decoupled from the gradient (Adam becomes AdamW): without it Adam behind BatchNorm grows the norms at
     every step, so stepping "back" along a sweep shrinks by construction. ``theta0`` plateau trains Θ0 at a
     constant rate until its training loss plateaus (``collectors.sweep.plateaued``; ``pretrain_epochs`` is
-    then the cap, and stages as long as ``pretrain_epochs`` last as long as Θ0 took)."""
+    then the cap, and stages as long as ``pretrain_epochs`` last as long as Θ0 took); plateau-anneal then
+    cosine-decays Θ0's rate to zero over as many epochs again, so Θ0 ends annealed as every stage does (plain
+    plateau leaves it at the constant rate's noise: its first stage, on half the data, tested better)."""
 
     family: str
     arch: dict

@@ -74,6 +74,7 @@ class StagePlan:
     lr: float
     cosine: bool = False
     plateau: bool = False
+    anneal: bool = False  # after the plateau: the rate cosine-decayed to zero over as many epochs again
     follow: bool = False  # as many epochs as the stage before took (after a plateau: as long as Θ0 trained)
 
 
@@ -82,10 +83,12 @@ PLATEAU_PATIENCE, PLATEAU_TOL, PLATEAU_FLOOR = 3, 0.02, 0.005
 
 def stage_plans(theta0: str, first: StagePlan, rest: StagePlan, n_stages: int) -> list[StagePlan]:
     """Θ0's plan then the stages'. ``theta0`` plateau: Θ0 at a constant rate until its loss plateaus (``first``'s
-    epochs the cap), and stages as long as that cap follow Θ0's actual length: one rule for the collection and
-    the evaluation's pre-training, so their sweeps are the same protocol."""
-    if theta0 == "plateau":
-        first, rest = replace(first, cosine=False, plateau=True), replace(rest, follow=rest.epochs == first.epochs)
+    epochs the cap), and stages as long as that cap follow Θ0's plateau length; plateau-anneal: then Θ0's rate
+    cosine-decays over that many epochs again. One rule for the collection and the evaluation's pre-training,
+    so their sweeps are the same protocol."""
+    if theta0 in ("plateau", "plateau-anneal"):
+        first = replace(first, cosine=False, plateau=True, anneal=theta0 == "plateau-anneal")
+        rest = replace(rest, follow=rest.epochs == first.epochs)
     return [first] + [rest] * (n_stages - 1)
 
 
@@ -237,10 +240,16 @@ def train_stages(
 
 def _train_stage(model, opt, plan: StagePlan, epochs: int, train, idx, dataset, batch_size, gen, augment,
                  path) -> tuple[int, float, float, int]:
-    """One stage's training, ``epochs`` long (cosine-decayed where the plan says) or until its loss plateaus;
-    (steps, loss, acc, epochs) of its last epoch."""
+    """One stage's training, ``epochs`` long (cosine-decayed where the plan says) or until its loss plateaus
+    (then annealed over as many epochs where the plan says); (steps, loss, acc) of its last epoch and the epochs
+    a following stage copies (the plateau's)."""
     if plan.plateau:
-        return _until_plateau(model, opt, train, idx, dataset, batch_size, epochs, gen, augment, path)
+        steps, loss, acc, epochs = _until_plateau(model, opt, train, idx, dataset, batch_size, epochs, gen, augment, path)
+        if not plan.anneal:
+            return steps, loss, acc, epochs
+        sched = cosine_schedule(opt, epochs, len(idx), batch_size)
+        n, loss, acc = train_epochs(model, opt, train, idx, dataset, batch_size, epochs, gen, sched, augment=augment, path=path)
+        return steps + n, loss, acc, epochs
     sched = cosine_schedule(opt, epochs, len(idx), batch_size) if plan.cosine else None
     steps, loss, acc = train_epochs(model, opt, train, idx, dataset, batch_size, epochs, gen, sched, augment=augment, path=path)
     return steps, loss, acc, epochs

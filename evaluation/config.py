@@ -88,7 +88,7 @@ class Source(Task):
     optimizer_state: OptimizerState = "fresh"
     augment: Augment = "none"
     weight_decay: float = Field(default=0.0, ge=0)  # decoupled (AdamW) in pre-training and every stage
-    # "plateau": Θ0 at a constant rate until its training loss plateaus (pretrain_epochs the cap; meta-v3's rule,
+    # "plateau(-anneal)": Θ0 at a constant rate until its training loss plateaus (pretrain_epochs the cap; meta-v3's rule,
     # collectors.sweep.stage_plans), stages as long as pretrain_epochs then last as long as Θ0 took; oracles too
     theta0: Theta0 = "epochs"
     # the ceiling: Θ0's recipe on supersets of D0 m times its size (m = 1/r^k, the ×data a KNOW step claims)

@@ -31,8 +31,8 @@ def test_sweeps_collected_before_the_protocol_fields_keep_their_ids():
                  weight_decay=0.0, theta0="epochs").sweep_id == "a3c51af98d0a5272"
     ids = {_spec(**f).sweep_id for f in ({}, {"stage_init": "restart"}, {"schedule": "cosine"},
                                           {"optimizer_state": "carry"}, {"augment": "crop_flip"}, {"weight_decay": 0.05},
-                                          {"theta0": "plateau"})}
-    assert len(ids) == 7  # every protocol field is part of the content-addressed id
+                                          {"theta0": "plateau"}, {"theta0": "plateau-anneal"})}
+    assert len(ids) == 8  # every protocol field is part of the content-addressed id
 
 
 def _stage_starts(monkeypatch, spec, settings):
@@ -167,27 +167,32 @@ def test_the_plateau_rule():
     assert not sweep.plateaued([1.0, 0.9, 0.8, 0.7], patience=1)
 
 
-def test_theta0_trains_until_its_loss_plateaus_and_the_stages_as_long_as_it_took(settings, monkeypatch):
+@pytest.mark.parametrize("theta0", ["plateau", "plateau-anneal"])
+def test_theta0_trains_until_its_loss_plateaus_and_the_stages_as_long_as_it_took(settings, monkeypatch, theta0):
     epochs_of_stage, original = [], sweep.train_epochs
 
     def spy(model, opt, split, idx, dataset, batch_size, epochs, *a, **k):
-        epochs_of_stage.append((len(idx), epochs))
+        sched = a[1] if len(a) > 1 else k.get("sched")
+        epochs_of_stage.append((len(idx), epochs, sched is not None))
         return original(model, opt, split, idx, dataset, batch_size, epochs, *a, **k)
 
     monkeypatch.setattr(sweep, "train_epochs", spy)
-    spec = _spec(theta0="plateau", pretrain_epochs=40, stage_epochs=40, schedule="cosine", lr=3e-3)
+    spec = _spec(theta0=theta0, pretrain_epochs=40, stage_epochs=40, schedule="cosine", lr=3e-3)
     res = run_sweep(spec, settings)
-    theta0 = [e for n, e in epochs_of_stage if n == 200]
-    assert all(e == 1 for e in theta0) and 3 < len(theta0) <= 40  # epoch by epoch until the plateau
-    assert [e for n, e in epochs_of_stage if n < 200] == [len(theta0)] * 3  # every stage as long as Θ0 took
+    theta0_calls = [(e, cos) for n, e, cos in epochs_of_stage if n == 200]
+    plateau = [c for c in theta0_calls if c == (1, False)]  # epoch by epoch at a constant rate until the plateau
+    assert 3 < len(plateau) <= 40
+    anneal = [(len(plateau), True)] if theta0 == "plateau-anneal" else []  # then decayed over as many epochs again
+    assert theta0_calls == plateau + anneal
+    assert [(e, cos) for n, e, cos in epochs_of_stage if n < 200] == [(len(plateau), True)] * 3  # as long as the plateau
     per_epoch = math.ceil(200 / spec.batch_size)
-    assert res.stages[0].steps == len(theta0) * per_epoch
+    assert res.stages[0].steps == len(plateau) * per_epoch * (1 + bool(anneal))
     again = run_sweep(spec, settings)  # deterministic: the same plateau, the same weights
     assert all(torch.equal(res.tensors[k], again.tensors[k]) for k in res.tensors)
 
 
 def test_the_evaluation_pre_trains_a_plateau_theta0_by_the_collections_rule(settings, monkeypatch):
-    """An evaluation source with ``theta0: plateau`` is pre-trained as meta-v3's sweeps are (one rule,
+    """An evaluation source with ``theta0: plateau-anneal`` is pre-trained as meta-v3's sweeps are (one rule,
     ``sweep.stage_plans``) and says so in its protocol; the "converged" control keeps its plain epochs."""
     from evaluation import trajectories
     from evaluation.config import Source
@@ -199,13 +204,14 @@ def test_the_evaluation_pre_trains_a_plateau_theta0_by_the_collections_rule(sett
         return original(model, opt, split, idx, dataset, batch_size, epochs, *a, **k)
 
     monkeypatch.setattr(sweep, "train_epochs", spy)
-    src = Source(dataset="mnist", train_size=200, arch=LEGACY["arch"], batch_size=32, theta0="plateau", pretrain_epochs=40,
-                 stage_epochs=40, pretrain_lr=3e-3, stage_lr=3e-3, stage_cosine=True)
+    src = Source(dataset="mnist", train_size=200, arch=LEGACY["arch"], batch_size=32, theta0="plateau-anneal",
+                 pretrain_epochs=40, stage_epochs=40, pretrain_lr=3e-3, stage_lr=3e-3, stage_cosine=True)
     trajectories.pretrain(src, 0, settings, 1)
     theta0 = [e for n, e in epochs_of_stage if n == 200]
-    assert all(e == 1 for e in theta0) and 3 < len(theta0) <= 40
-    assert [e for n, e in epochs_of_stage if n < 200] == [len(theta0)] * (trajectories.S - 1)
-    assert src.protocol()["theta0"] == "plateau" and src.protocol()["stage_epochs"] == "pretrain"
+    plateau = len(theta0) - 1
+    assert theta0 == [1] * plateau + [plateau] and 3 < plateau <= 40  # the plateau, then its anneal
+    assert [e for n, e in epochs_of_stage if n < 200] == [plateau] * (trajectories.S - 1)
+    assert src.protocol()["theta0"] == "plateau-anneal" and src.protocol()["stage_epochs"] == "pretrain"
     epochs_of_stage.clear()
     trajectories.pretrain(src, 0, settings, 1, epochs=3)  # the converged control
     assert epochs_of_stage == [(200, 3)]
