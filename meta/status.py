@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
@@ -36,6 +37,32 @@ class Status:
     cpu_hours: float = 0.0  # the done sweeps' wall time, one worker each
     sweeps_per_hour: float | None = None  # done sweeps between the first and the last one finished
     examples: tuple = ()  # a few done rows, for a human
+    forgetting: Forgetting | None = None  # None without done sweeps of ≥ 2 stages
+
+
+@dataclass(frozen=True)
+class Forgetting:
+    """Does a collection's protocol forget? Test accuracy of Θ0 (most data) against Θ1 and the last stage: a first
+    stage that tests *better* than Θ0 on half the data says Θ0 was not converged (meta-v3's plain plateau)."""
+
+    sweeps: int
+    first_better: int  # sweeps whose Θ1 tests above Θ0
+    first_change: float  # mean test accuracy Θ1 − Θ0, points (negative: it forgets)
+    last_change: float  # mean test accuracy Θlast − Θ0, points
+
+
+def _forgetting(accs: pa.ChunkedArray) -> Forgetting | None:
+    """From the ``stage_test_acc`` lists with numpy over the flat values (no per-row Python)."""
+    accs = accs.combine_chunks().drop_null()
+    lengths = pc.list_value_length(accs).to_numpy(zero_copy_only=False)
+    keep = lengths >= 2
+    if not keep.any():
+        return None
+    values = pc.list_flatten(accs).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[keep]
+    first, second, last = values[starts], values[starts + 1], values[starts + lengths[keep] - 1]
+    return Forgetting(int(keep.sum()), int((second > first).sum()), float(100 * (second - first).mean()),
+                      float(100 * (last - first).mean()))
 
 
 def _rate(finished: pa.Array) -> float | None:
@@ -71,6 +98,7 @@ def status(out: str) -> Status:
         cpu_hours=(pc.sum(done["wall_s"]).as_py() or 0.0) / 3600,
         sweeps_per_hour=_rate(done["finished_at"]),
         examples=tuple(done.slice(0, 3).to_pylist()),
+        forgetting=_forgetting(done["stage_test_acc"]),
     )
 
 
@@ -84,6 +112,9 @@ def text(st: Status) -> str:
     lines = [f"meta-dataset {st.out}: {st.done} done, {st.failed} failed or lost sweeps in its catalog",
              f"  shards: {st.shard_bytes:,} bytes; CPU-hours (sweep wall time, one worker each): {st.cpu_hours:.2f}; "
              f"sweeps per hour (first to last finished): {rate}"]
+    f = st.forgetting
+    lines += [f"  forgetting: test accuracy Θ0 → Θ1 {f.first_change:+.2f} points on average, Θ0 → last stage "
+              f"{f.last_change:+.2f}; Θ1 tests better than Θ0 in {f.first_better} of {f.sweeps} sweeps"] * bool(f)
     lines += [f"  failed x{n}: {why}" for why, n in st.failures.most_common()]
     lines += [f"  {fam:<11} {ds:<13} {d} done" + (f", {f} failed" if f else "") + _longest(st, (fam, ds))
               for (fam, ds), (d, f) in st.cells.items()]

@@ -26,9 +26,22 @@ def test_status_counts_reasons_cells_bytes_and_hours(tmp_path, capsys):
     assert status.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 done, 2 failed" in out and "1,000 bytes" in out and "failed x1: SweepDiverged: nan" in out
+    # stage accuracies 0.5, 0.25, 0.125 in both done sweeps: Θ1 25 points below Θ0, the last 37.5
+    assert st.forgetting == status.Forgetting(2, 0, -25.0, -37.5)
+    assert "Θ0 → Θ1 -25.00 points on average, Θ0 → last stage -37.50; Θ1 tests better than Θ0 in 0 of 2" in out
     assert "resnet      cifar10       0 done, 1 failed\n" in out and "cnn         mnist         2 done, 1 failed; longest sweep 30.0 min" in out
 
 
 def test_status_of_a_folder_without_a_catalog_is_an_error_naming_it(tmp_path, capsys):
     assert status.main([str(tmp_path / "nothing")]) == 2
     assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
+def test_forgetting_counts_first_stages_that_test_better_and_skips_short_sweeps():
+    import pyarrow as pa
+
+    accs = pa.chunked_array([[[0.8, 0.9, 0.5], [0.6]], [None, [0.7, 0.6, 0.65, 0.4]]])
+    f = status._forgetting(accs)
+    assert (f.sweeps, f.first_better) == (2, 1)
+    assert abs(f.first_change - 0.0) < 1e-9 and abs(f.last_change - (-30.0 - 30.0) / 2) < 1e-9
+    assert status._forgetting(pa.chunked_array([[[0.5]]])) is None
