@@ -60,3 +60,14 @@ def test_sampled_values_stay_in_the_space():
 
 def test_stage_sizes_shrink_by_r():
     assert stage_sizes(1000, 0.5, 4) == [1000, 500, 250, 125]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """A config in the repository is one a user runs as it is: it must validate (eval-* are transfer experiments)."""
+    if path.name.startswith("eval-"):
+        from evaluation.config import load_config as load_transfer
+
+        load_transfer(path)
+    else:
+        assert sample_specs(load_config(path))
