@@ -112,9 +112,9 @@ def text(st: Status) -> str:
     lines = [f"meta-dataset {st.out}: {st.done} done, {st.failed} failed or lost sweeps in its catalog",
              f"  shards: {st.shard_bytes:,} bytes; CPU-hours (sweep wall time, one worker each): {st.cpu_hours:.2f}; "
              f"sweeps per hour (first to last finished): {rate}"]
-    f = st.forgetting
-    lines += [f"  forgetting: test accuracy Θ0 → Θ1 {f.first_change:+.2f} points on average, Θ0 → last stage "
-              f"{f.last_change:+.2f}; Θ1 tests better than Θ0 in {f.first_better} of {f.sweeps} sweeps"] * bool(f)
+    if (f := st.forgetting) is not None:
+        lines.append(f"  forgetting: test accuracy Θ0 → Θ1 {f.first_change:+.2f} points on average, Θ0 → last stage "
+                     f"{f.last_change:+.2f}; Θ1 tests better than Θ0 in {f.first_better} of {f.sweeps} sweeps")
     lines += [f"  failed x{n}: {why}" for why, n in st.failures.most_common()]
     lines += [f"  {fam:<11} {ds:<13} {d} done" + (f", {f} failed" if f else "") + _longest(st, (fam, ds))
               for (fam, ds), (d, f) in st.cells.items()]
