@@ -38,11 +38,13 @@ log = logging.getLogger("collectors.launch")
 def duration(value: str) -> float:
     """``--stop-after``'s type: seconds, ``HH:MM:SS`` or ISO 8601 (``PT2H30M``), finite and > 0."""
     try:
-        seconds = float(value) if value.lstrip("+-").replace(".", "", 1).isdigit() else \
-            TypeAdapter(timedelta).validate_strings(value).total_seconds()
-    except ValidationError:
-        raise argparse.ArgumentTypeError(f"not a duration: {value!r} (seconds, HH:MM:SS or PT2H30M)") from None
-    if not 0 < seconds < 10**9:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = TypeAdapter(timedelta).validate_strings(value).total_seconds()
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"not a duration: {value!r} (seconds, HH:MM:SS or PT2H30M)") from None
+    if not 0 < seconds < 10**9:  # also nan and inf
         raise argparse.ArgumentTypeError(f"must be a positive duration, got {value!r}")
     return seconds
 

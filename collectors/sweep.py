@@ -68,13 +68,13 @@ class SweepResult:
 @dataclass(frozen=True)
 class StagePlan:
     """How one stage trains: epochs on its subset, a fresh optimiser at ``lr``, optionally cosine-decayed;
-    with ``plateau``, ``epochs`` is a cap and the stage stops when its training loss plateaus (``plateaued``)."""
+    with ``plateau``, ``epochs`` is a cap, the rate stays constant until the training loss plateaus
+    (``plateaued``), and ``cosine`` then decays it to zero over as many epochs again."""
 
     epochs: int
     lr: float
     cosine: bool = False
     plateau: bool = False
-    anneal: bool = False  # after the plateau: the rate cosine-decayed to zero over as many epochs again
     follow: bool = False  # as many epochs as the stage before took (after a plateau: as long as Θ0 trained)
 
 
@@ -87,7 +87,7 @@ def stage_plans(theta0: str, first: StagePlan, rest: StagePlan, n_stages: int) -
     cosine-decays over that many epochs again. One rule for the collection and the evaluation's pre-training,
     so their sweeps are the same protocol."""
     if theta0 in ("plateau", "plateau-anneal"):
-        first = replace(first, cosine=False, plateau=True, anneal=theta0 == "plateau-anneal")
+        first = replace(first, cosine=theta0 == "plateau-anneal", plateau=True)
         rest = replace(rest, follow=rest.epochs == first.epochs)
     return [first] + [rest] * (n_stages - 1)
 
@@ -243,16 +243,15 @@ def _train_stage(model, opt, plan: StagePlan, epochs: int, train, idx, dataset, 
     """One stage's training, ``epochs`` long (cosine-decayed where the plan says) or until its loss plateaus
     (then annealed over as many epochs where the plan says); (steps, loss, acc) of its last epoch and the epochs
     a following stage copies (the plateau's)."""
+    plateau_steps = 0
     if plan.plateau:
-        steps, loss, acc, epochs = _until_plateau(model, opt, train, idx, dataset, batch_size, epochs, gen, augment, path)
-        if not plan.anneal:
-            return steps, loss, acc, epochs
-        sched = cosine_schedule(opt, epochs, len(idx), batch_size)
-        n, loss, acc = train_epochs(model, opt, train, idx, dataset, batch_size, epochs, gen, sched, augment=augment, path=path)
-        return steps + n, loss, acc, epochs
+        plateau_steps, loss, acc, epochs = _until_plateau(model, opt, train, idx, dataset, batch_size, epochs, gen,
+                                                          augment, path)
+        if not plan.cosine:
+            return plateau_steps, loss, acc, epochs
     sched = cosine_schedule(opt, epochs, len(idx), batch_size) if plan.cosine else None
     steps, loss, acc = train_epochs(model, opt, train, idx, dataset, batch_size, epochs, gen, sched, augment=augment, path=path)
-    return steps, loss, acc, epochs
+    return plateau_steps + steps, loss, acc, epochs
 
 
 def _until_plateau(model, opt, train, idx, dataset, batch_size, cap, gen, augment, path) -> tuple[int, float, float, int]:

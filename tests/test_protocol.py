@@ -167,16 +167,22 @@ def test_the_plateau_rule():
     assert not sweep.plateaued([1.0, 0.9, 0.8, 0.7], patience=1)
 
 
-@pytest.mark.parametrize("theta0", ["plateau", "plateau-anneal"])
-def test_theta0_trains_until_its_loss_plateaus_and_the_stages_as_long_as_it_took(settings, monkeypatch, theta0):
-    epochs_of_stage, original = [], sweep.train_epochs
+def _train_epochs_calls(monkeypatch) -> list[tuple[int, int, bool]]:
+    """Every ``sweep.train_epochs`` call from now on, as (images, epochs, with a schedule)."""
+    calls, original = [], sweep.train_epochs
 
     def spy(model, opt, split, idx, dataset, batch_size, epochs, *a, **k):
         sched = a[1] if len(a) > 1 else k.get("sched")
-        epochs_of_stage.append((len(idx), epochs, sched is not None))
+        calls.append((len(idx), epochs, sched is not None))
         return original(model, opt, split, idx, dataset, batch_size, epochs, *a, **k)
 
     monkeypatch.setattr(sweep, "train_epochs", spy)
+    return calls
+
+
+@pytest.mark.parametrize("theta0", ["plateau", "plateau-anneal"])
+def test_theta0_trains_until_its_loss_plateaus_and_the_stages_as_long_as_it_took(settings, monkeypatch, theta0):
+    epochs_of_stage = _train_epochs_calls(monkeypatch)
     spec = _spec(theta0=theta0, pretrain_epochs=40, stage_epochs=40, schedule="cosine", lr=3e-3)
     res = run_sweep(spec, settings)
     theta0_calls = [(e, cos) for n, e, cos in epochs_of_stage if n == 200]
@@ -197,21 +203,15 @@ def test_the_evaluation_pre_trains_a_plateau_theta0_by_the_collections_rule(sett
     from evaluation import trajectories
     from evaluation.config import Source
 
-    epochs_of_stage, original = [], sweep.train_epochs
-
-    def spy(model, opt, split, idx, dataset, batch_size, epochs, *a, **k):
-        epochs_of_stage.append((len(idx), epochs))
-        return original(model, opt, split, idx, dataset, batch_size, epochs, *a, **k)
-
-    monkeypatch.setattr(sweep, "train_epochs", spy)
+    epochs_of_stage = _train_epochs_calls(monkeypatch)
     src = Source(dataset="mnist", train_size=200, arch=LEGACY["arch"], batch_size=32, theta0="plateau-anneal",
                  pretrain_epochs=40, stage_epochs=40, pretrain_lr=3e-3, stage_lr=3e-3, stage_cosine=True)
     trajectories.pretrain(src, 0, settings, 1)
-    theta0 = [e for n, e in epochs_of_stage if n == 200]
+    theta0 = [e for n, e, _ in epochs_of_stage if n == 200]
     plateau = len(theta0) - 1
     assert theta0 == [1] * plateau + [plateau] and 3 < plateau <= 40  # the plateau, then its anneal
-    assert [e for n, e in epochs_of_stage if n < 200] == [plateau] * (trajectories.S - 1)
+    assert [e for n, e, _ in epochs_of_stage if n < 200] == [plateau] * (trajectories.S - 1)
     assert src.protocol()["theta0"] == "plateau-anneal" and src.protocol()["stage_epochs"] == "pretrain"
     epochs_of_stage.clear()
     trajectories.pretrain(src, 0, settings, 1, epochs=3)  # the converged control
-    assert epochs_of_stage == [(200, 3)]
+    assert epochs_of_stage == [(200, 3, True)]  # cosine, as the source's pre-training says
