@@ -245,7 +245,7 @@ class _Scheduler:
     def __init__(self, out: str, todo: list[SweepSpec], books: catalog.Appender, settings: DataSettings,
                  w: WorkerSettings, size: int, summary: Summary, on_progress, runner, stop: threading.Event):
         self.out, self.books, self.settings, self.w, self.summary = out, books, settings, w, summary
-        self.runner, self.stop, self.stopping = runner, stop, False
+        self.runner, self.stop, self.stop_logged = runner, stop, False
         self.on_progress = on_progress or (lambda summary: None)
         self.by_id = {s.sweep_id: s for s in todo}
         self.queue = deque(self.by_id)
@@ -269,6 +269,7 @@ class _Scheduler:
     def run(self) -> None:
         try:
             while self.slots and (self._wanted() or self._working()):
+                self._log_stop()
                 self._dispatch()
                 refs = list(self.inflight)
                 ready, _ = ray.wait(refs, num_returns=1, timeout=PROGRESS_EVERY_S)
@@ -289,13 +290,16 @@ class _Scheduler:
                 ray.kill(slot.actor)  # pending ones too: a replacement still waiting for a node
 
     def _wanted(self) -> bool:
-        """Sweeps remain to hand out, and no stop has been asked for (logged once when one is)."""
-        if self.stop.is_set() and not self.stopping:
-            self.stopping = True
+        """Sweeps remain to hand out, and no stop has been asked for."""
+        return bool(self.queue) and not self.stop.is_set()
+
+    def _log_stop(self) -> None:
+        """Say once, when a stop is first seen, what finishes and what is left."""
+        if self.stop.is_set() and not self.stop_logged:
+            self.stop_logged = True
             running = sum(kind == "run" for _, kind, _ in self.inflight.values())
             log.warning("stopping: no new sweeps; %d running finish and are published, %d left for the next run",
                         running, len(self.queue))
-        return bool(self.queue) and not self.stopping
 
     def _working(self) -> bool:
         return any(kind != "start" for _, kind, _ in self.inflight.values()) or any(s.unpublished for s in self.slots)
