@@ -17,6 +17,7 @@ from evaluation.summary import ROLE_TAG
 
 log = logging.getLogger(__name__)
 CONFIG_TAG = "oblivion.config_sha256"
+SOURCE_TAG = "oblivion.source_sha256"  # the source config and sweep path: the pre-trained models it trains
 CURVES = ("head_train_loss", "head_train_acc", "full_train_loss", "full_train_acc")
 Key = tuple[str, int, int]  # (init, pre-training seed, downstream seed)
 RATES = ("val_lr", "test_lr")  # a tuned fine-tune's accuracy per learning-rate factor: metric "<name><factor>"
@@ -32,6 +33,15 @@ def unfinished_parent(client: MlflowClient, experiment_id: str, digest: str) -> 
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'experiment' and tags.`{CONFIG_TAG}` = '{digest}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+
+def source_parents(client: MlflowClient, experiment_id: str, digest: str, exclude: str) -> list[str]:
+    """Other parent runs whose source config and sweep path are these (newest first): they trained the same
+    pre-trained models, so an experiment that changes only its methods, controls or downstream task need not
+    train them again."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'experiment' and tags.`{SOURCE_TAG}` = '{digest}'",
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    return [r.info.run_id for r in runs if r.info.run_id != exclude]
 
 
 def key_of(result: dict) -> Key:

@@ -84,13 +84,19 @@ def _trajectory(cfg: TransferConfig, snaps: list[dict], walls: list[float], orac
                       converged=converged)
 
 
-def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_id: str) -> dict[int, Trajectory]:
+def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_id: str,
+                         donors: list[str] = ()) -> dict[int, Trajectory]:
     """Every pre-training seed's trajectory and oracles: from the parent run's artifacts where an earlier,
-    killed run of this config left them, else trained now (one Ray task per model) and stored there."""
+    killed run of this config left them, else copied from a ``donors`` run (another experiment with the same
+    source config and path), else trained now (one Ray task per model); stored in the parent run."""
     import ray
     from tqdm import tqdm
 
     cached = {p: t for p in cfg.pretrain_seeds if (t := load_trajectory(cfg, run_id, p)) is not None}
+    for p in cfg.pretrain_seeds:
+        if p not in cached and (t := _borrow(cfg, donors, p)) is not None:
+            save_trajectory(t, run_id, p)
+            cached[p] = t
     remote = ray.remote(num_cpus=1, max_retries=1)(_pretrain_job)
     extra = ["converged"] if "converged" in cfg.controls else []
     todo = {(p, m): remote.remote(cfg.source.model_dump_json(), p, settings, 1 if m == "converged" else m, cfg.path,
@@ -112,6 +118,15 @@ def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_i
                                 got[(p, "converged")][0][0] if extra else None)
         save_trajectory(cached[p], run_id, p)
     return cached
+
+
+def _borrow(cfg: TransferConfig, donors: list[str], pseed: int) -> Trajectory | None:
+    """Seed ``pseed``'s trajectory from the newest donor run that holds all of it, or None."""
+    for rid in donors:
+        if (t := load_trajectory(cfg, rid, pseed)) is not None:
+            log.info("pre-training seed %d: reused from run %s (same source config and sweep path)", pseed, rid)
+            return t
+    return None
 
 
 def save_trajectory(traj: Trajectory, run_id: str, pseed: int) -> None:
@@ -136,7 +151,9 @@ def load_trajectory(cfg: TransferConfig, run_id: str, pseed: int) -> Trajectory 
 
     path = f"trajectories/p{pseed}"
     names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
-    if "wall.json" not in names:
+    needed = {"wall.json", *(f"stage{k}.safetensors" for k in range(S)), *(f"oracle_x{m}.safetensors" for m in cfg.source.oracles),
+              *(["converged.safetensors"] if "converged" in cfg.controls else [])}
+    if needed - names:  # none yet, or a donor run without the control this config adds
         return None
     with tempfile.TemporaryDirectory() as d:
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=d))

@@ -20,6 +20,7 @@ Read ``experiment`` top to bottom; each step is one module:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -115,9 +116,12 @@ def open_parent(client, exp_id: str, args: argparse.Namespace, cfg: TransferConf
     text = Path(args.config).read_text()
     digest = tracking.config_digest(text)
     resume = None if args.fresh else tracking.unfinished_parent(client, exp_id, digest)
+    source = {tracking.SOURCE_TAG: source_digest(cfg)} if cfg.source else {}
     if resume:
-        return mlflow.start_run(run_id=resume, log_system_metrics=args.system_metrics), True
-    run = mlflow.start_run(run_name=cfg.name, tags={ROLE_TAG: "experiment", tracking.CONFIG_TAG: digest},
+        run = mlflow.start_run(run_id=resume, log_system_metrics=args.system_metrics)
+        mlflow.set_tags(source)  # a run begun before the tag existed
+        return run, True
+    run = mlflow.start_run(run_name=cfg.name, tags={ROLE_TAG: "experiment", tracking.CONFIG_TAG: digest, **source},
                            log_system_metrics=args.system_metrics)
     mlflow.log_text(text, "config.yaml")
     src = cfg.source
@@ -128,6 +132,11 @@ def open_parent(client, exp_id: str, args: argparse.Namespace, cfg: TransferConf
                        "oracles": ",".join(map(str, src.oracles)) if src else "",
                        **{f"protocol.{k}": v for k, v in (protocol or {}).items()}})
     return run, False
+
+
+def source_digest(cfg: TransferConfig) -> str:
+    """What decides the pre-trained models: the source config and the sweep path."""
+    return tracking.config_digest(json.dumps({"source": cfg.source.model_dump(mode="json"), "path": cfg.path}, sort_keys=True))
 
 
 def add_walls(cfg: TransferConfig, wall: dict, results: list[dict], finetune_s: float) -> None:
@@ -146,7 +155,8 @@ def experiment(cfg, args, client, exp_id: str, pid: str, resume: bool, models: d
     done = tracking.finished_children(client, exp_id, pid) if resume else {}
     if resume:
         print(f"resuming MLflow run {pid}: {len(done)} fine-tunes already finished", flush=True)
-    trajs = prepare_trajectories(cfg, settings, pid) if cfg.source else {0: reused}
+    donors = tracking.source_parents(client, exp_id, source_digest(cfg), pid) if cfg.source else []
+    trajs = prepare_trajectories(cfg, settings, pid, donors) if cfg.source else {0: reused}
     inits, extras = describe(cfg, trajs, models, settings)
     first = inits[next(iter(inits))]
     descs = {name: init.desc for name, init in first.items()}

@@ -139,12 +139,13 @@ def test_too_few_images_is_a_clear_error(settings):
 
 
 @pytest.mark.ray
-def test_tiny_experiment_end_to_end(tmp_path, fake_root, ray_local):
+def test_tiny_experiment_end_to_end(tmp_path, fake_root, ray_local, monkeypatch):
     import mlflow
+    import safetensors.torch
     import yaml
     from mlflow import MlflowClient
 
-    from evaluation import transfer
+    from evaluation import tracking, trajectories, transfer
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(BASE))
@@ -188,6 +189,22 @@ def test_tiny_experiment_end_to_end(tmp_path, fake_root, ray_local):
     assert all((out.parent / "results" / "tiny" / plot).is_file() for plot in report.PLOTS if plot != "lr_grid.png")  # untuned
     assert report.main(["--out", str(tmp_path / "none.md"), "--tracking-uri", f"sqlite:///{tmp_path}/empty.db"]) == 2
     assert not (tmp_path / "none.md").exists()
+
+    # another experiment on the same source models: they are copied from the first run, not trained again
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(_with(name="other", methods=["taskvector"], controls=[], scratch=False)))
+    def no_training(*a, **k):
+        raise AssertionError("pre-trained again")
+    monkeypatch.setattr(trajectories, "_pretrain_job", no_training)
+    assert transfer.main(["--config", str(other), "--data-root", str(fake_root), "--tracking-uri", uri]) == 0
+    second = next(r for r in client.search_runs([exp.experiment_id], "tags.`oblivion.role` = 'experiment'")
+                  if r.info.run_id != parent.info.run_id)
+    assert second.data.tags[tracking.SOURCE_TAG] == parent.data.tags[tracking.SOURCE_TAG]
+    mine = Path(mlflow.artifacts.download_artifacts(run_id=second.info.run_id, artifact_path="trajectories/p0",
+                                                    dst_path=str(tmp_path / "art2"), tracking_uri=uri))
+    for k in range(5):
+        a, b = (safetensors.torch.load_file(str(x / f"stage{k}.safetensors")) for x in (Path(d) / "trajectories" / "p0", mine))
+        assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
