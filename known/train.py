@@ -106,6 +106,18 @@ def wants_gpu(flag: bool | None, resources: dict) -> bool:
     return flag if flag is not None else resources.get("GPU", 0) > 0
 
 
+def cpu_shortfall(workers: int, cpus_per_worker: float, cluster_cpus: float, nodes: int) -> str | None:
+    """Why training on one machine would wait forever, or None. Ray Data streams the shards on CPUs the training
+    workers do not hold, and on a single node nothing adds more (a cluster that autoscales can; its head's
+    CPUs are 0 in infra/)."""
+    need = workers * cpus_per_worker
+    if nodes != 1 or cluster_cpus <= 0 or need < cluster_cpus:
+        return None
+    return (f"--workers {workers} × --cpus-per-worker {cpus_per_worker:g} = {need:g} CPUs, and this one-node cluster has "
+            f"{cluster_cpus:g}: none would be left to stream the shards and training would wait forever; ask for at "
+            f"most {cluster_cpus - 1:g} in all")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -134,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(f"MLflow tracking store {tracking.tracking_uri(args.tracking_uri)}: {e.message}")
     if not ray.is_initialized():
         ray.init()
+    nodes = sum(n["Alive"] for n in ray.nodes())
+    if why := cpu_shortfall(args.workers, args.cpus_per_worker, ray.cluster_resources().get("CPU", 0), nodes):
+        return cli.fail(why)
     run, resumed = start_run(args)
     try:
         with run:

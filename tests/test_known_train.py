@@ -133,6 +133,24 @@ def test_an_unusable_tracking_store_is_refused_before_ray_starts(meta_root, tmp_
     assert err.startswith("error: MLflow tracking store http://127.0.0.1:9:") and err.count("\n") == 1
 
 
+def test_training_that_would_leave_no_cpu_to_stream_the_shards_is_refused(meta_root, tmp_path, capsys, monkeypatch):
+    assert train.cpu_shortfall(1, 1, 2, 1) is None
+    assert train.cpu_shortfall(2, 1, 2, 3) is None  # several nodes: the cluster may grow
+    assert train.cpu_shortfall(1, 4, 0, 1) is None  # a head without CPUs: workers join it
+    assert "at most 1 in all" in train.cpu_shortfall(1, 2, 2, 1)
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # a 2-CPU laptop, seen by the CLI
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--shards", str(meta_root), "--storage", str(tmp_path / "train"), "--keep-unlearned",
+                       "--cpus-per-worker", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own lines about its store
+    assert last.startswith("error: --workers 1 × --cpus-per-worker 2 = 2 CPUs, and this one-node cluster has 2")
+    assert not (tmp_path / "train").exists()
+
+
 def test_bad_arguments_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--shards", "x", "--val-fraction", "1.5"])
