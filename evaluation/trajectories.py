@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def _trajectory(cfg: TransferConfig, snaps: list[dict], walls: list[float], orac
 
 
 def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_id: str,
-                         donors: list[str] = ()) -> dict[int, Trajectory]:
+                         donors: Sequence[str] = ()) -> dict[int, Trajectory]:
     """Every pre-training seed's trajectory and oracles: from the parent run's artifacts where an earlier,
     killed run of this config left them, else copied from a ``donors`` run (another experiment with the same
     source config and path), else trained now (one Ray task per model); stored in the parent run."""
@@ -120,7 +121,7 @@ def prepare_trajectories(cfg: TransferConfig, settings: data.DataSettings, run_i
     return cached
 
 
-def _borrow(cfg: TransferConfig, donors: list[str], pseed: int) -> Trajectory | None:
+def _borrow(cfg: TransferConfig, donors: Sequence[str], pseed: int) -> Trajectory | None:
     """Seed ``pseed``'s trajectory from the newest donor run that holds all of it, or None."""
     for rid in donors:
         if (t := load_trajectory(cfg, rid, pseed)) is not None:

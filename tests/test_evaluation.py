@@ -193,8 +193,10 @@ def test_tiny_experiment_end_to_end(tmp_path, fake_root, ray_local, monkeypatch)
     # another experiment on the same source models: they are copied from the first run, not trained again
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(_with(name="other", methods=["taskvector"], controls=[], scratch=False)))
+
     def no_training(*a, **k):
         raise AssertionError("pre-trained again")
+
     monkeypatch.setattr(trajectories, "_pretrain_job", no_training)
     assert transfer.main(["--config", str(other), "--data-root", str(fake_root), "--tracking-uri", uri]) == 0
     second = next(r for r in client.search_runs([exp.experiment_id], "tags.`oblivion.role` = 'experiment'")
