@@ -1,5 +1,6 @@
 """How much of the machine does a sweep use, and how many sweeps does a CPU-hour buy? Both sweep paths
-(``collectors.sweep.PATHS``: ``reference``, ``fast``) in the same run, one torch thread.
+(``collectors.sweep.PATHS``: ``reference``, ``fast``) in the same run, one torch thread, each path in a process of
+its own (the fast path tunes its process's allocator, which would otherwise speed up the reference beside it).
 
     OBLIVION_DATA=.data python bench/sweep_efficiency.py --unverified-cifar10 [--sweeps 5] [--steps 20]
 
@@ -7,7 +8,9 @@
    architecture, batch size and learning rate). FLOPs of one training step (forward + backward) counted by
    ``torch.utils.flop_counter.FlopCounterMode``; the median step time of each path over ``--steps`` steps,
    the two paths interleaved in rounds; achieved FLOP/s as a fraction of the bound, a one-thread 512×512 matmul
-   timed in the same process (the best of its runs before and after). One JSON line per cell.
+   timed in the same processes (the best of its runs before and after). The bound is the machine's: on a core
+   whose matmul is slow the same step is a larger fraction of it, so compare fractions within one run.
+   One JSON line per cell.
 2. ``--sweeps`` whole sweeps of the config's protocol (its first specs, the same on both paths, alternated):
    process CPU seconds per sweep split into training, evaluation, recording (``to_record`` and the shard's
    encoding) and data (loading, normalisation is inside training), and sweeps per CPU-hour of each path. CPU
@@ -17,8 +20,10 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -63,12 +68,11 @@ class Stepper:
         info = data.DATASETS[spec.dataset]
         torch.manual_seed(spec.seed)
         self.model = zoo.build(spec.family, spec.arch, info.channels, info.num_classes)
-        if path == "fast":
-            self.model.to(memory_format=torch.channels_last)
-        self.opt = sweep._optimizer(spec.optimizer, self.model, spec.lr, foreach=path == "fast" or None)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randint(0, 256, (spec.batch_size, info.channels, info.size, info.size), dtype=torch.uint8, generator=g)
         self.y = torch.randint(0, info.num_classes, (spec.batch_size,), generator=g)
+        sweep.for_path(self.model, path, spec.dataset, self.x)
+        self.opt = sweep._optimizer(spec.optimizer, self.model, spec.lr, foreach=path == "fast" or None)
         self.dataset, self.path = spec.dataset, path
 
     def __call__(self) -> None:
@@ -85,16 +89,40 @@ class Stepper:
         return counter.get_total_flops()
 
 
-def cell(spec, steps: int, rounds: int = 4) -> dict:
-    """Median step time of both paths, interleaved: ``rounds`` rounds of ``steps // rounds`` steps each."""
-    steppers = {p: Stepper(spec, p) for p in sweep.PATHS}
-    times = {p: [] for p in sweep.PATHS}
-    for s in steppers.values():
+_STEPPERS: dict[tuple, Stepper] = {}
+
+
+def _steps(spec, path: str, n: int) -> list[float]:
+    """Seconds of ``n`` steps of ``spec`` on ``path``, in this (path's own) process; the stepper is kept."""
+    key = (spec.sweep_id, path)
+    if key not in _STEPPERS:
+        _STEPPERS[key] = s = Stepper(spec, path)
         s(), s()  # warm-up: oneDNN picks and caches its kernels
+    return [_timed(_STEPPERS[key]) for _ in range(n)]
+
+
+def _flops(spec) -> int:
+    return Stepper(spec, "reference").flops()
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def path_processes() -> dict[str, ProcessPoolExecutor]:
+    """One single-thread worker process per path, kept for the whole run."""
+    ctx = multiprocessing.get_context("spawn")
+    return {p: ProcessPoolExecutor(1, mp_context=ctx, initializer=_one_thread) for p in sweep.PATHS}
+
+
+def cell(spec, steps: int, procs: dict[str, ProcessPoolExecutor], rounds: int = 4) -> dict:
+    """Median step time of both paths, interleaved: ``rounds`` rounds of ``steps // rounds`` steps each."""
+    times = {p: [] for p in sweep.PATHS}
     for _ in range(rounds):
-        for p, s in steppers.items():
-            times[p] += [_timed(s) for _ in range(max(steps // rounds, 1))]
-    return {"flops_per_step": steppers["reference"].flops(), **{p: statistics.median(t) for p, t in times.items()}}
+        for p, proc in procs.items():
+            times[p] += proc.submit(_steps, spec, p, max(steps // rounds, 1)).result()
+    flops = procs["reference"].submit(_flops, spec).result()
+    return {"flops_per_step": flops, **{p: statistics.median(t) for p, t in times.items()}}
 
 
 @contextmanager
@@ -143,18 +171,23 @@ def main() -> None:
     args = p.parse_args()
     if not (args.steps == 0 or args.steps >= 4) or args.sweeps < 0:
         p.error(f"--steps must be 0 or >= 4 and --sweeps >= 0, got {args.steps} and {args.sweeps}")
-    torch.set_num_threads(1)
+    _one_thread()  # as the path processes: the JSON lines report it
     config = load_config(args.config)
-    if args.steps:
-        step_cells(config, args.steps)
-    if args.sweeps:
-        sweeps_per_cpu_hour(config, args.config, args.sweeps)
+    procs = path_processes()
+    try:
+        if args.steps:
+            step_cells(config, args.steps, procs)
+        if args.sweeps:
+            sweeps_per_cpu_hour(config, args.config, args.sweeps, procs)
+    finally:
+        for proc in procs.values():
+            proc.shutdown()
 
 
-def step_cells(config, steps: int) -> None:
-    bound = matmul_flops()
-    cells = {(f, d): cell(first_spec(config, f, d), steps) for f in zoo.FAMILIES for d in CELL_DATASETS}
-    bound = max(bound, matmul_flops())
+def step_cells(config, steps: int, procs: dict[str, ProcessPoolExecutor]) -> None:
+    bounds = [proc.submit(matmul_flops).result() for proc in procs.values()]
+    cells = {(f, d): cell(first_spec(config, f, d), steps, procs) for f in zoo.FAMILIES for d in CELL_DATASETS}
+    bound = max(bounds + [proc.submit(matmul_flops).result() for proc in procs.values()])
     fractions = {path: [] for path in sweep.PATHS}
     for (family, dataset), c in cells.items():
         row = {path: round(c["flops_per_step"] / c[path] / bound, 3) for path in sweep.PATHS}
@@ -168,13 +201,13 @@ def step_cells(config, steps: int) -> None:
          min_fraction={p: min(f) for p, f in fractions.items()}, target="median >= 0.30, none < 0.15")
 
 
-def sweeps_per_cpu_hour(config, name: str, n: int) -> None:
+def sweeps_per_cpu_hour(config, name: str, n: int, procs: dict[str, ProcessPoolExecutor]) -> None:
     s = settings()
     runs = {path: [] for path in sweep.PATHS}
     for i in range(n):
         spec = sample_spec(config, i)
         for path in sweep.PATHS if i % 2 == 0 else reversed(sweep.PATHS):
-            runs[path].append(whole_sweep(spec, s, path))
+            runs[path].append(procs[path].submit(whole_sweep, spec, s, path).result())
             emit("sweep_whole", index=i, family=spec.family, dataset=spec.dataset, path=path,
                  **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in runs[path][-1].items()})
     total = {path: sum(r["total_s"] for r in rs) for path, rs in runs.items()}

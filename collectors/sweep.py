@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from collectors import __version__, data, zoo
+from collectors import __version__, data, fastpath, zoo
 from collectors.augment import crop_flip
 from collectors.config import DEFAULT_SWEEP_PATH, SweepPath, SweepSpec, stage_sizes
 from meta.record import FORMAT_VERSION, SweepRecord
@@ -29,7 +29,8 @@ from meta.record import FORMAT_VERSION, SweepRecord
 PATHS = get_args(SweepPath)
 """How a sweep's steps run. ``reference``: the plain NCHW loop (every sweep collected before this path existed, and
 the evaluation's pre-training, whose cached trajectories it keeps reproducible). ``fast``: activations and kernels
-channels-last, oneDNN's native CPU layout, foreach optimiser updates and evaluation in cache-sized batches; the
+channels-last, oneDNN's native CPU layout, with its leaks mended and a tuned allocator (``collectors.fastpath``),
+foreach optimiser updates and evaluation in cache-sized batches; the
 same protocol and random draws, so the two differ by float rounding only (tests/test_sweep_path.py). Measured in
 docs/collection.md#sweep-speed."""
 EVAL_BATCH = {"reference": 1000, "fast": 128}
@@ -149,6 +150,14 @@ def cosine_schedule(opt, epochs: int, n: int, batch_size: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * math.ceil(n / batch_size), 1))
 
 
+def for_path(model: nn.Module, path: str, dataset: str, images: torch.Tensor) -> nn.Module:
+    """``model`` laid out for ``path``: the fast path's channels-last layout (``collectors.fastpath``), found with
+    two of ``images`` (uint8, as the split holds them); the reference path's as built."""
+    if path == "fast":
+        fastpath.prepare(model, _inputs(dataset, images[:2], path))
+    return model
+
+
 def _inputs(dataset: str, x: torch.Tensor, path: str) -> torch.Tensor:
     """A batch of uint8 images as the model takes them on ``path``."""
     x = data.normalize(dataset, x)
@@ -211,8 +220,7 @@ def train_stages(
     if path not in PATHS:
         raise ValueError(f"unknown sweep path {path!r}; known: {list(PATHS)}")
     protocol = protocol or Protocol()
-    if path == "fast":
-        model.to(memory_format=torch.channels_last)
+    for_path(model, path, dataset, train.x)
     initial = {k: v.clone() for k, v in model.state_dict().items()} if protocol.restart else None
     stages: list[StageMetrics] = []
     snaps: list[dict[str, torch.Tensor]] = []

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from collectors import data, zoo
-from collectors.sweep import cosine_schedule, evaluate, train_epochs
+from collectors.sweep import cosine_schedule, evaluate, for_path, train_epochs
 from evaluation.config import Downstream, Task, Tuning
 from known.predict import reestimate_bn
 
@@ -117,8 +117,7 @@ def finetune(init: dict[str, torch.Tensor] | None, family: str, arch: dict, task
     test = task_split(task, settings, False, 0)  # one test set for every seed and method
     torch.manual_seed(seed)
     model = zoo.build(family, arch, info.channels, len(task.classes))
-    if path == "fast":
-        model.to(memory_format=torch.channels_last)
+    for_path(model, path, task.dataset, train.x)
     _prepare(model, init, task, train)
     head, gen = head_of(model), torch.Generator().manual_seed(seed)
     curve: dict[str, list[float]] = {k: [] for k in ("head_train_loss", "head_train_acc", "full_train_loss", "full_train_acc")}

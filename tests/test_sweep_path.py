@@ -9,12 +9,17 @@ measured 0.000-0.163 of it, asserted < 0.3. A whole sweep on real data: per-stag
 (measured 0.4; binomial noise on 1,000 test images is 1.4 points at 1 sd).
 """
 
+import platform
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from collectors import data, sweep, zoo
+from collectors import data, fastpath, sweep, zoo
 from collectors.config import SweepSpec
 
 CELLS = [(f, d) for f in zoo.FAMILIES for d in ("mnist", "cifar10")]
@@ -25,8 +30,7 @@ def _train(family, arch, dataset, split, path, order_seed=1):
     info = data.DATASETS[dataset]
     model = zoo.build(family, arch, info.channels, info.num_classes)
     init = [p.detach().clone() for p in model.parameters()]
-    if path == "fast":
-        model.to(memory_format=torch.channels_last)
+    sweep.for_path(model, path, dataset, split.x)
     opt = sweep._optimizer("adam", model, 1e-3, foreach=path == "fast" or None)
     sweep.train_epochs(model, opt, split, torch.arange(len(split)), dataset, 32, 2, torch.Generator().manual_seed(order_seed),
                        path=path)
@@ -64,3 +68,64 @@ def test_a_whole_fast_sweep_matches_the_reference_within_noise(real_root):
     assert ref.stages[0].test_acc > 0.8  # it learned: the comparison is not between two chance levels
     assert all(abs(r - f) < 0.03 for r, f in accs), accs
     assert all(fast.tensors[k].is_contiguous() for k in fast.tensors)  # snapshots in the standard layout
+
+
+def _mixed_layout_backward_ops(model, x, y) -> list[str]:
+    """The backward ops of one step on ``model`` that meet one 4-D tensor channels-last and another NCHW (the
+    slow strided kernels ``collectors.fastpath`` mends)."""
+    def layout(t):
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
+            return "cl" if t.is_contiguous(memory_format=torch.channels_last) else "nchw" if t.is_contiguous() else None
+        return None
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if {"cl", "nchw"} <= {layout(a) for a in args}:
+                mixed.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mixed: list[str] = []
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    with Log():
+        loss.backward()
+    return mixed
+
+
+def test_the_fast_path_hands_the_last_feature_map_a_channels_last_gradient():
+    torch.manual_seed(0)
+    arch = {"width_mult": 0.25, "repeats": [1, 1, 1, 1]}
+    x, y = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    plain = zoo.build("mobilenet", arch, 1, 10).to(memory_format=torch.channels_last)
+    mended = sweep.for_path(zoo.build("mobilenet", arch, 1, 10), "fast", "mnist", x)
+    inputs = sweep._inputs("mnist", x, "fast")
+    # MobileNet's global pooling returns an NCHW gradient to its last ReLU6 and BatchNorm (80 ms instead of 7)
+    assert {"hardtanh_backward.default", "native_batch_norm_backward.default"} <= set(_mixed_layout_backward_ops(plain, inputs, y))
+    assert _mixed_layout_backward_ops(mended, inputs, y) == []
+
+
+def test_preparing_the_fast_path_changes_no_state_and_happens_once():
+    torch.manual_seed(0)
+    model = zoo.build("cnn", {"depth": 2, "width": 8, "hidden": 16}, 1, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    rng = torch.get_rng_state()
+    for _ in range(2):
+        sweep.for_path(model, "fast", "mnist", x)
+    assert model.training and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics included
+    last = fastpath.last_feature_map(model, sweep._inputs("mnist", x, "fast"))
+    assert isinstance(last, torch.nn.MaxPool2d) and len(last._forward_hooks) == 1
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator tuning is glibc's mallopt")
+def test_the_fast_path_allocator_keeps_freed_memory_mapped():
+    """Forty 1 MB tensors made and freed: glibc trims them back to the kernel every time (about 10,000 page
+    faults a round, measured), the tuned allocator keeps them (0)."""
+    code = ("import resource, sys, torch\nfrom collectors import fastpath\n"
+            "assert sys.argv[1] == '0' or fastpath.keep_freed_memory()\n"
+            "def rounds(n):\n    for _ in range(n):\n        kept = [torch.ones(250_000) for _ in range(40)]\n        del kept\n"
+            "rounds(3)\nf0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\nrounds(10)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10)")
+    faults = {t: float(subprocess.run([sys.executable, "-c", code, t], capture_output=True, text=True, check=True,
+                                      cwd=REPO).stdout) for t in ("0", "1")}
+    assert faults["0"] > 1000 and faults["1"] < faults["0"] / 10, faults
