@@ -13,6 +13,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from typing import get_args
 
 import torch
@@ -61,6 +62,7 @@ class SweepResult:
     n_params: int
     wall_s: float
     path: str = "reference"  # PATHS: which loop made it
+    finished_at: str | None = None  # ISO time (UTC) its training ended
 
     def stage_dicts(self) -> list[dict]:
         return [asdict(m) for m in self.stages]
@@ -349,7 +351,8 @@ def run_sweep(
                                  protocol=Protocol.of(spec), path=path)
 
     tensors = {name: torch.stack([s[name] for s in snaps]) for name in kinds} if record else {}
-    return SweepResult(spec, stages, tensors, kinds, zoo.n_params(model), time.perf_counter() - t_start, path)
+    return SweepResult(spec, stages, tensors, kinds, zoo.n_params(model), time.perf_counter() - t_start, path,
+                       datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def to_record(result: SweepResult) -> dict:
@@ -364,6 +367,7 @@ def to_record(result: SweepResult) -> dict:
         "stages": result.stage_dicts(),
         "wall_s": result.wall_s,
         "path": result.path,
+        "finished_at": result.finished_at,
         "tensors": [
             {"name": k, "shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch."), "kind": result.kinds[k]}
             for k, v in result.tensors.items()

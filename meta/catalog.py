@@ -127,7 +127,8 @@ def done_row(record: SweepRecord | dict, shard: ShardInfo, attempts: int = 1) ->
         "stage_train_acc": [s.train_acc for s in stages],
         "stage_test_acc": [s.test_acc for s in stages],
         "stage_wall_s": [s.wall_s for s in stages],
-        "wall_s": record.wall_s, "finished_at": _now(),
+        # when the sweep ended, not when its shard was published: shards close in batches (status's rate reads it)
+        "wall_s": record.wall_s, "finished_at": record.finished_at or _now(),
     }
 
 

@@ -48,6 +48,7 @@ class SweepRecord(_Record):
     stages: list[StageRecord]
     wall_s: float
     path: str = "reference"  # collectors.sweep.PATHS: the training loop that made it (absent before it existed)
+    finished_at: str | None = None  # when its training ended (ISO, UTC); absent before it existed
     tensors: list[TensorInfo]
     versions: dict[str, str]
 

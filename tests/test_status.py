@@ -1,6 +1,8 @@
 """`python -m meta.status OUT`: the catalog's summary, without Ray (on s3:// in tests/test_s3.py)."""
 
 from meta import catalog, status
+from meta.record import FORMAT_VERSION
+from meta.shards import ShardInfo
 
 
 def _row(sid, status_, family, dataset, wall_s=None, finished_at=None, error=None):
@@ -45,3 +47,18 @@ def test_forgetting_counts_first_stages_that_test_better_and_skips_short_sweeps(
     assert (f.sweeps, f.first_better) == (2, 1)
     assert abs(f.first_change - 0.0) < 1e-9 and abs(f.last_change - (-30.0 - 30.0) / 2) < 1e-9
     assert status._forgetting(pa.chunked_array([[[0.5]]])) is None
+
+
+def test_the_rate_counts_when_sweeps_ended_not_when_their_shard_was_published(tmp_path):
+    """Shards close in batches (every 30 min, or all at a stop): two sweeps that ended 30 minutes apart and were
+    published together are 2 sweeps an hour, not thousands (what a 14-minute run once reported)."""
+    shard = ShardInfo("w0-000000.tar", str(tmp_path / "w0-000000.tar"), "0" * 64, 10)
+    stage = {"stage": 0, "subset_size": 8, "steps": 1, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
+             "test_acc": 0.5, "wall_s": 1.0}
+    rows = [catalog.done_row({"format": FORMAT_VERSION, "sweep_id": sid, "spec": {"family": "cnn", "dataset": "mnist"},
+                              "n_stages": 1, "n_params": 1, "stages": [stage], "wall_s": 1.0, "tensors": [],
+                              "versions": {}, "finished_at": at}, shard)
+            for sid, at in (("s1", "2026-01-01T00:00:00+00:00"), ("s2", "2026-01-01T00:30:00+00:00"))]
+    assert [r["finished_at"] for r in rows] == ["2026-01-01T00:00:00+00:00", "2026-01-01T00:30:00+00:00"]
+    catalog.write(str(tmp_path), rows)
+    assert status.status(str(tmp_path)).sweeps_per_hour == 2.0

@@ -49,6 +49,7 @@ def test_sweep_records_every_parameter_and_buffer_at_every_stage(settings, famil
     rec = to_record(res)
     assert rec["n_stages"] == L and len(rec["tensors"]) == len(model_keys)
     assert rec["versions"]["torch"] == torch.__version__
+    assert rec["finished_at"] == res.finished_at and res.finished_at.endswith("+00:00")  # the catalog's finished_at
 
 
 def test_training_learns_the_fake_task(settings):
