@@ -7,10 +7,10 @@ Measured on one thread (docs/collection.md#sweep-speed):
   first op behind it then meets an NCHW gradient and a channels-last input and takes a slow strided path
   (MobileNet's 1280-channel BatchNorm backward: 80 ms instead of 7, which made the fast path slower than the
   reference on that cell). The gradient into the model's last spatial feature map is made channels-last.
-- **Page faults.** glibc returns every freed block above its mmap threshold to the kernel, so each training
-  step maps its activations afresh and the kernel zeroes them again (thousands of page faults a step). A
-  fixed threshold at glibc's maximum and no trimming keep them in the heap: no value changes, only where they
-  live.
+- **Page faults.** glibc maps large blocks with mmap and unmaps them when freed, and trims the heap's top back
+  to the kernel, so each training step maps its activations afresh and the kernel zeroes them again (up to
+  thousands of page faults a step). A fixed mmap threshold at glibc's maximum and no trimming below 1 GB keep
+  them in the heap: no value changes, only where they live.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from meta.record import FORMAT_VERSION, SweepRecord
 PATHS = get_args(SweepPath)
 """How a sweep's steps run. ``reference``: the plain NCHW loop (every sweep collected before this path existed, and
 the evaluation's pre-training, whose cached trajectories it keeps reproducible). ``fast``: activations and kernels
-channels-last, oneDNN's native CPU layout, with its leaks mended and a tuned allocator (``collectors.fastpath``),
+channels-last, oneDNN's native CPU layout, with its one leak mended and a tuned allocator (``collectors.fastpath``),
 foreach optimiser updates and evaluation in cache-sized batches; the
 same protocol and random draws, so the two differ by float rounding only (tests/test_sweep_path.py). Measured in
 docs/collection.md#sweep-speed."""
