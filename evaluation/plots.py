@@ -82,16 +82,18 @@ def _accuracy_grid(theta0, names, centre, basis, xy: np.ndarray, grid: int, accu
     of the weights at each grid point (``names`` on the plane, the rest at Θ0)."""
     span = np.ptp(xy, axis=0).max() or 1.0
     lo, hi = xy.min(0) - 0.25 * span, xy.max(0) + 0.25 * span
+    from tqdm import tqdm
+
     gx, gy = np.linspace(lo[0], hi[0], grid), np.linspace(lo[1], hi[1], grid)
     acc = np.zeros((grid, grid))
     sizes = [theta0[n].numel() for n in names]
-    for i, a in enumerate(gx):
-        for j, b in enumerate(gy):
-            vec = centre + a * basis[0] + b * basis[1]
-            state = {k: t.clone() for k, t in theta0.items()}
-            for n, part in zip(names, torch.split(vec, sizes)):
-                state[n] = part.reshape(theta0[n].shape).to(theta0[n].dtype)
-            acc[j, i] = accuracy_of(state)
+    # each point re-estimates BatchNorm and tests on the source task: minutes for a CIFAR-10 model, so a bar
+    for i, j in tqdm([(i, j) for i in range(grid) for j in range(grid)], desc="PCA-plane accuracy", unit="point"):
+        vec = centre + gx[i] * basis[0] + gy[j] * basis[1]
+        state = {k: t.clone() for k, t in theta0.items()}
+        for n, part in zip(names, torch.split(vec, sizes)):
+            state[n] = part.reshape(theta0[n].shape).to(theta0[n].dtype)
+        acc[j, i] = accuracy_of(state)
     return gx, gy, acc
 
 
