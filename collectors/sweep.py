@@ -13,7 +13,6 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from typing import get_args
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 from collectors import __version__, data, fastpath, zoo
 from collectors.augment import crop_flip
 from collectors.config import DEFAULT_SWEEP_PATH, SweepPath, SweepSpec, stage_sizes
-from meta.record import FORMAT_VERSION, SweepRecord
+from meta.record import FORMAT_VERSION, SweepRecord, utc_now
 
 
 PATHS = get_args(SweepPath)
@@ -352,7 +351,7 @@ def run_sweep(
 
     tensors = {name: torch.stack([s[name] for s in snaps]) for name in kinds} if record else {}
     return SweepResult(spec, stages, tensors, kinds, zoo.n_params(model), time.perf_counter() - t_start, path,
-                       datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                       utc_now())
 
 
 def to_record(result: SweepResult) -> dict:

@@ -34,7 +34,6 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from meta import storage
-from meta.record import LEGACY_PROTOCOL, SweepRecord
+from meta.record import LEGACY_PROTOCOL, SweepRecord, utc_now
 
 if TYPE_CHECKING:  # meta.shards imports torch: the catalog's readers (meta.status) start in a second without it
     from meta.shards import ShardInfo
@@ -103,10 +102,6 @@ class CatalogError(storage.StorageError):
     """A catalog that cannot be read or written; the message names it."""
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _spec_columns(spec: dict) -> dict:
     cols = {k: spec.get(k) for k in ("family", "dataset", "r", "lr", "batch_size", "optimizer", "pretrain_epochs",
                                      "n_stages", "stage_epochs", "train_size", "test_size", "seed")}
@@ -128,19 +123,19 @@ def done_row(record: SweepRecord | dict, shard: ShardInfo, attempts: int = 1) ->
         "stage_test_acc": [s.test_acc for s in stages],
         "stage_wall_s": [s.wall_s for s in stages],
         # when the sweep ended, not when its shard was published: shards close in batches (status's rate reads it)
-        "wall_s": record.wall_s, "finished_at": record.finished_at or _now(),
+        "wall_s": record.wall_s, "finished_at": record.finished_at or utc_now(),
     }
 
 
 def failed_row(sweep_id: str, spec: dict, error: str, attempts: int) -> dict:
     return {"sweep_id": sweep_id, "status": "failed", "error": error, "attempts": attempts,
-            "shard": None, "shard_sha256": None, **_spec_columns(spec), "finished_at": _now()}
+            "shard": None, "shard_sha256": None, **_spec_columns(spec), "finished_at": utc_now()}
 
 
 def lost_row(done: dict, why: str) -> dict:
     """A done row whose shard a resume found damaged or missing: the sweep is run again."""
     return {**done, "status": "lost", "error": why, "shard": None, "shard_sha256": None, "shard_bytes": None,
-            "finished_at": _now()}
+            "finished_at": utc_now()}
 
 
 # --- the parts ---------------------------------------------------------------------------------------------------

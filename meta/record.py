@@ -7,6 +7,8 @@ where a sweep is re-run); ``protocol`` reads the protocol fields with their pre-
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 1
@@ -15,6 +17,12 @@ LEGACY_PROTOCOL = {"stage_init": "sequential", "schedule": "constant", "optimize
                    "weight_decay": 0.0, "theta0": "epochs"}
 # Θ0 within this much test accuracy of chance learned nothing there is to forget (left out of meta-training)
 CHANCE_MARGIN = 0.05
+
+
+def utc_now() -> str:
+    """The one time format of ``finished_at`` (sweep records and catalog rows): ISO, UTC, whole seconds, so that
+    string order is time order."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class _Record(BaseModel):
