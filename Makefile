@@ -28,8 +28,13 @@ demo: data
 	$(PY) collectors/launch.py --config configs/demo.yaml --collection $(OUT) --data-root $(DATA) $(CIFAR_FLAG)
 	RAY_ADDRESS=local $(PY) -m evaluation.transfer --config configs/eval-smoke.yaml --data-root $(DATA)
 
+# Two test processes, each test file whole in one (its Ray cluster and fixtures stay shared): most of the suite
+# waits on process and cluster start-ups, which two processes overlap on two cores. TEST_WORKERS=0: one process.
+# Tests marked solo (the fake autoscaler's) then run alone: beside another test's Ray cluster their actors died.
+TEST_WORKERS ?= 2
 test: setup services
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not solo" --durations=15
+	$(PY) -m pytest -m solo
 
 # PostgreSQL for the team-MLflow test (infra/mlflow/start.sh): Debian's package, installed when we can.
 services:

@@ -216,7 +216,8 @@ def _shard_bytes(out: str) -> int:
 def _classify(e: Exception, kind: str) -> tuple[FaultKind, str]:
     """(the fault, its message) for what ``ray.get`` raised on a worker's start, sweep or flush."""
     if kind == "start":
-        return FaultKind.START_FAILED, f"worker could not start: {type(e).__name__}"
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]  # Ray's last line says why the actor died
+        return FaultKind.START_FAILED, f"worker could not start: {type(e).__name__}" + (f": {lines[-1][:300]}" if lines else "")
     if isinstance(e, RayTaskError) and isinstance(e.cause, WriterError):
         return FaultKind.WRITE_FAILED, f"shard write failed: {e.cause}"
     if isinstance(e, RayTaskError):  # a bug in sweep code: the traceback's last line says what

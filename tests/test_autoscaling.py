@@ -21,7 +21,7 @@ from meta import catalog
 from test_collect import assert_consistent
 from test_failures import _members, stall_in_collection
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.solo]
 
 MAX_NODES = 3
 
