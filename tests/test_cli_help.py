@@ -35,9 +35,13 @@ def _run_helps(commands: dict[str, list[str]], at_once: int) -> dict[str, subpro
     for i in range(0, len(names), at_once):
         batch = {n: subprocess.Popen([sys.executable, *commands[n], "--help"], cwd=REPO, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in names[i:i + at_once]}
-        for n, proc in batch.items():
-            out, err = proc.communicate(timeout=180)
-            done[n] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        try:
+            for n, proc in batch.items():
+                out, err = proc.communicate(timeout=180)
+                done[n] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        finally:  # a timeout leaves no --help running, as subprocess.run's did
+            for proc in batch.values():
+                proc.kill()  # a no-op on the ones already waited for
     return done
 
 
