@@ -33,7 +33,7 @@ demo: data
 # Tests marked solo (the fake autoscaler's) then run alone: beside another test's Ray cluster their actors died.
 TEST_WORKERS ?= 2
 test: setup services
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not solo" --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not solo" --durations=15
 	$(PY) -m pytest -m solo
 
 # PostgreSQL for the team-MLflow test (infra/mlflow/start.sh): Debian's package, installed when we can.

@@ -7,6 +7,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train hands a worker's report to its controller only when the controller polls (every 2 s by default), and
+# a worker's second report waits for the first: tests that checkpoint every few steps spent half their time there
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 import fakedata  # noqa: E402
 
@@ -14,6 +17,14 @@ from collectors.config import parse_config  # noqa: E402
 from collectors.data import DataSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# `make test` hands whole files to its xdist workers in collection order (--no-loadscope-reorder): the files holding
+# the longest tests go first, so that no worker ends the run on a ten-minute test while the other idles
+LONGEST_FIRST = ("test_known_train.py", "test_collect.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
 
 
 @pytest.fixture(scope="session")
