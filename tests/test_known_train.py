@@ -88,7 +88,7 @@ def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkey
             "--storage", str(tmp_path / "train"), "--tracking-uri", uri, "--keep-unlearned"]  # 1-epoch fake sweeps
     assert train.main([*base, "--epochs", "1", "--name", "run"]) == 0
     out = capsys.readouterr().out
-    first = json.loads(out[out.index("{"): out.index("}") + 1])
+    first = _final(out)
     assert first["val_rel_l1_known"] > 0 and first["resumed_from_step"] == 0 and "version 1 (best checkpoint" in out
     assert "as champion" in out
     models = registry.load_predictor("known", "models:/KNOWN@champion", uri)
@@ -97,7 +97,7 @@ def test_train_registers_a_known_and_resumes(meta_root, tmp_path, capsys, monkey
     # the same name again with more epochs continues from the checkpoint instead of starting over
     assert train.main([*base, "--epochs", "2", "--name", "run"]) == 0
     out = capsys.readouterr().out
-    second = json.loads(out[out.index("{"): out.index("}") + 1])
+    second = _final(out)
     assert "registered KNOWN version 2" in out
     assert second["resumed_from_step"] == first["step"] and second["step"] == 2 * first["step"]
     # the resume continued the same MLflow run, which records the meta-dataset it trained on
