@@ -5,8 +5,11 @@ amplifies. Not by the same rounding: the channels-last kernels sum BatchNorm's a
 over N·H·W in another order, and after six Adam steps their weights lie 1.1-12x as far from a float64 run as the
 reference's (measured on every cell; foreach updates are bit-identical to the loop). The test therefore bounds
 the two paths' difference by what a different batch order (another seed: a real change of trajectory) makes:
-measured 0.000-0.163 of it, asserted < 0.3. A whole sweep on real data: per-stage test accuracies within 3 points
-(measured 0.4; binomial noise on 1,000 test images is 1.4 points at 1 sd).
+measured 0.000-0.163 of it, asserted < 0.3. A whole sweep on real data, each stage cosine-annealed: per-stage
+test accuracies within 3 points (measured ≤ 1.6 over 3 seeds on an AVX-512 EPYC, where the CNN's paths are not
+bit-identical; binomial noise on 1,000 test images is 1.4 points at 1 sd). At a constant rate of 3e-3 that sweep is
+chaotic — scaling the initial weights by 1 + 1e-6·N(0, 1) moves a stage's accuracy by up to 12 points — so no
+bound between two roundings holds there.
 """
 
 import platform
@@ -58,14 +61,14 @@ def test_an_unknown_path_is_refused():
 @pytest.mark.realdata
 def test_a_whole_fast_sweep_matches_the_reference_within_noise(real_root):
     torch.set_num_threads(1)
-    spec = SweepSpec(family="cnn", arch={"depth": 3, "width": 16, "hidden": 64}, dataset="mnist", r=0.5, lr=3e-3,
+    spec = SweepSpec(family="cnn", arch={"depth": 3, "width": 16, "hidden": 64}, dataset="mnist", r=0.5, lr=1e-3,
                      batch_size=64, optimizer="adam", pretrain_epochs=2, n_stages=4, stage_epochs=1, train_size=3000,
-                     test_size=1000, seed=0)
+                     test_size=1000, schedule="cosine", seed=0)
     settings = data.DataSettings(str(real_root))
     ref, fast = (sweep.run_sweep(spec, settings, path=p) for p in ("reference", "fast"))
     assert (ref.path, fast.path) == ("reference", "fast") and sweep.to_record(fast)["path"] == "fast"
     accs = [(r.test_acc, f.test_acc) for r, f in zip(ref.stages, fast.stages, strict=True)]
-    assert ref.stages[0].test_acc > 0.8  # it learned: the comparison is not between two chance levels
+    assert ref.stages[0].test_acc > 0.5  # it learned (chance is 0.1): the comparison is not between two chance levels
     assert all(abs(r - f) < 0.03 for r, f in accs), accs
     assert all(fast.tensors[k].is_contiguous() for k in fast.tensors)  # snapshots in the standard layout
 
