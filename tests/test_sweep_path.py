@@ -68,7 +68,8 @@ def test_a_whole_fast_sweep_matches_the_reference_within_noise(real_root):
     ref, fast = (sweep.run_sweep(spec, settings, path=p) for p in ("reference", "fast"))
     assert (ref.path, fast.path) == ("reference", "fast") and sweep.to_record(fast)["path"] == "fast"
     accs = [(r.test_acc, f.test_acc) for r, f in zip(ref.stages, fast.stages, strict=True)]
-    assert ref.stages[0].test_acc > 0.5  # it learned (chance is 0.1): the comparison is not between two chance levels
+    # it learned (chance is 0.1; Θ0 tests 0.80 after its 2 annealed epochs): the comparison is not between two chance levels
+    assert ref.stages[0].test_acc > 0.5
     assert all(abs(r - f) < 0.03 for r, f in accs), accs
     assert all(fast.tensors[k].is_contiguous() for k in fast.tensors)  # snapshots in the standard layout
 
